@@ -1,0 +1,246 @@
+// Package outbox relays the transactional outbox to the broker: rows that
+// command transactions wrote to watermill_outbox are published, in xid order,
+// with publisher confirms, then marked done; published rows are pruned after
+// a retention period so the table does not grow forever.
+//
+// The relay is Watermill's forwarder over watermill-sql's PostgreSQL
+// subscriber. Delivery is at least once: a crash between the broker's confirm
+// and the offset update publishes a row again, which version-checked
+// consumers absorb.
+package outbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	wsql "github.com/ThreeDotsLabs/watermill-sql/v4/pkg/sql"
+	"github.com/ThreeDotsLabs/watermill/components/forwarder"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Config configures a Relay. Zero durations take the defaults.
+type Config struct {
+	Pool      *pgxpool.Pool
+	Publisher message.Publisher // where events go; topic = routing key
+	Topic     string            // the outbox topic written by the store (table watermill_<topic>)
+
+	// ConsumerGroup names this relay's offsets row; relays in the same group
+	// take turns (the offsets row lock), so several instances are safe.
+	ConsumerGroup string // default "relay"
+	// PollInterval is how long an idle relay waits before it looks again:
+	// an idle event reaches the broker within about this time. Default 10ms.
+	PollInterval time.Duration
+	// BatchSize is the rows read per query. The batch's transaction holds an
+	// xid, and so pg_snapshot_xmin, while it publishes: keep it short. Default 50.
+	BatchSize int
+	// AckDeadline bounds one row's publish; a row not acked in time is read
+	// again. Short, for the same reason as BatchSize. Default 5s.
+	AckDeadline time.Duration
+	// Retention is how long published rows stay for inspection. Default 1h.
+	Retention time.Duration
+	// PruneInterval is how often published rows are deleted. Default 1m.
+	PruneInterval time.Duration
+
+	// Router, when set, hosts the forwarder's handler (for shared metrics and
+	// middleware); Run then only prunes and the caller runs the router.
+	Router *message.Router
+	Logger watermill.LoggerAdapter
+}
+
+func (c *Config) setDefaults() {
+	if c.ConsumerGroup == "" {
+		c.ConsumerGroup = "relay"
+	}
+	if c.PollInterval == 0 {
+		c.PollInterval = 10 * time.Millisecond
+	}
+	if c.BatchSize == 0 {
+		c.BatchSize = 50
+	}
+	if c.AckDeadline == 0 {
+		c.AckDeadline = 5 * time.Second
+	}
+	if c.Retention == 0 {
+		c.Retention = time.Hour
+	}
+	if c.PruneInterval == 0 {
+		c.PruneInterval = time.Minute
+	}
+	if c.Logger == nil {
+		c.Logger = watermill.NopLogger{}
+	}
+}
+
+// Validate reports a config the relay cannot run with.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Pool == nil {
+		errs = append(errs, errors.New("outbox: Pool is required"))
+	}
+	if c.Publisher == nil {
+		errs = append(errs, errors.New("outbox: Publisher is required"))
+	}
+	if c.Topic == "" {
+		errs = append(errs, errors.New("outbox: Topic is required"))
+	}
+	if c.PollInterval < 0 || c.AckDeadline < 0 || c.Retention < 0 || c.PruneInterval < 0 || c.BatchSize < 0 {
+		errs = append(errs, errors.New("outbox: durations and sizes must not be negative"))
+	}
+	return errors.Join(errs...)
+}
+
+// Relay moves outbox rows to the broker.
+type Relay struct {
+	config     Config
+	forwarder  *forwarder.Forwarder
+	subscriber *wsql.Subscriber
+	table      string
+	offsets    string
+}
+
+// NewWithConfig builds a relay. The outbox tables must exist (migrations).
+func NewWithConfig(c Config) (*Relay, error) {
+	c.setDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	schema := wsql.DefaultPostgreSQLSchema{SubscribeBatchSize: c.BatchSize}
+	offsets := wsql.DefaultPostgreSQLOffsetsAdapter{}
+	ackDeadline := c.AckDeadline
+	sub, err := wsql.NewSubscriber(wsql.BeginnerFromPgx(c.Pool), wsql.SubscriberConfig{
+		ConsumerGroup:  c.ConsumerGroup,
+		AckDeadline:    &ackDeadline,
+		PollInterval:   c.PollInterval,
+		ResendInterval: 200 * time.Millisecond,
+		RetryInterval:  500 * time.Millisecond,
+		SchemaAdapter:  schema,
+		OffsetsAdapter: offsets,
+	}, c.Logger)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: subscriber: %w", err)
+	}
+	fwd, err := forwarder.NewForwarder(sub, c.Publisher, c.Logger, forwarder.Config{
+		ForwarderTopic: c.Topic,
+		CloseTimeout:   10 * time.Second,
+		// A row that is not an envelope can never be published; retrying
+		// it would stall the outbox forever. It is logged and skipped.
+		AckWhenCannotUnwrap: true,
+		Router:              c.Router,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("outbox: forwarder: %w", err)
+	}
+	return &Relay{
+		config:     c,
+		forwarder:  fwd,
+		subscriber: sub,
+		table:      schema.MessagesTable(c.Topic),
+		offsets:    offsets.MessagesOffsetsTable(c.Topic),
+	}, nil
+}
+
+// Run relays and prunes until ctx is done or Close is called.
+func (r *Relay) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	pruned := make(chan struct{})
+	go func() {
+		defer close(pruned)
+		r.pruneLoop(ctx)
+	}()
+	var err error
+	if r.config.Router == nil {
+		err = r.forwarder.Run(ctx)
+	} else {
+		<-ctx.Done()
+	}
+	cancel()
+	<-pruned
+	return err
+}
+
+// Running is closed once the relay's forwarder is running.
+func (r *Relay) Running() <-chan struct{} { return r.forwarder.Running() }
+
+// Close stops the forwarder.
+func (r *Relay) Close() error { return r.forwarder.Close() }
+
+// Pending counts rows not yet published.
+func (r *Relay) Pending(ctx context.Context) (int64, error) {
+	var n int64
+	err := r.config.Pool.QueryRow(ctx, `
+		SELECT count(*) FROM `+r.table+` o
+		LEFT JOIN `+r.offsets+` f ON f.consumer_group = $1
+		WHERE f.consumer_group IS NULL
+		   OR (o.transaction_id, o."offset") > (f.last_processed_transaction_id, f.offset_acked)`,
+		r.config.ConsumerGroup).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("outbox: pending: %w", err)
+	}
+	return n, nil
+}
+
+// Flush waits until every row committed so far is published, or ctx ends.
+func (r *Relay) Flush(ctx context.Context) error {
+	tick := time.NewTicker(r.config.PollInterval + 10*time.Millisecond)
+	defer tick.Stop()
+	for {
+		n, err := r.Pending(ctx)
+		if err == nil && n == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			if err == nil {
+				err = fmt.Errorf("outbox: %d rows still pending", n)
+			}
+			return fmt.Errorf("outbox: flush: %w", errors.Join(ctx.Err(), err))
+		case <-tick.C:
+		}
+	}
+}
+
+func (r *Relay) pruneLoop(ctx context.Context) {
+	t := time.NewTicker(r.config.PruneInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if n, err := r.Prune(ctx); err != nil && ctx.Err() == nil {
+				r.config.Logger.Error("outbox prune failed", err, nil)
+			} else if n > 0 {
+				r.config.Logger.Debug("outbox pruned", watermill.LogFields{"rows": n})
+			}
+		}
+	}
+}
+
+// Prune deletes published rows older than the retention, in chunks. A row
+// is published for certain when its xid is below the last processed xid of
+// every relay: rows are read in (xid, offset) order and only once every
+// transaction with a smaller xid has ended. (Comparing offsets would not do:
+// a later offset can belong to a smaller xid that committed earlier.)
+func (r *Relay) Prune(ctx context.Context) (int64, error) {
+	var total int64
+	for {
+		tag, err := r.config.Pool.Exec(ctx, `
+			DELETE FROM `+r.table+` WHERE ctid IN (
+				SELECT ctid FROM `+r.table+`
+				WHERE transaction_id < (SELECT min(last_processed_transaction_id) FROM `+r.offsets+`)
+				  AND created_at < (now() - make_interval(secs => $1))::timestamp
+				LIMIT 5000)`, r.config.Retention.Seconds())
+		if err != nil {
+			return total, fmt.Errorf("outbox: prune: %w", err)
+		}
+		total += tag.RowsAffected()
+		if tag.RowsAffected() < 5000 {
+			return total, nil
+		}
+	}
+}
