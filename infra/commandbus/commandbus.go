@@ -61,6 +61,7 @@ func (c Config) Validate() error {
 type Bus struct {
 	config    Config
 	pubsub    *gochannel.GoChannel
+	replies   *gochannel.GoChannel // apart from pubsub: the router closes pubsub on Close, before commands in flight reply
 	router    *message.Router
 	bus       *cqrs.CommandBus
 	processor *cqrs.CommandProcessor
@@ -117,7 +118,8 @@ func NewWithConfig(c Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("commandbus: processor: %w", err)
 	}
-	return &Bus{config: c, pubsub: pubsub, router: router, bus: bus, processor: processor}, nil
+	replies := gochannel.NewGoChannel(gochannel.Config{}, c.Logger)
+	return &Bus{config: c, pubsub: pubsub, replies: replies, router: router, bus: bus, processor: processor}, nil
 }
 
 // Run processes commands until ctx is done or Close is called.
@@ -126,8 +128,9 @@ func (b *Bus) Run(ctx context.Context) error { return b.router.Run(ctx) }
 // Running is closed once the bus processes commands.
 func (b *Bus) Running() chan struct{} { return b.router.Running() }
 
-// Close stops taking commands and waits for those in flight.
-func (b *Bus) Close() error { return b.router.Close() }
+// Close stops taking commands and waits for those in flight; their callers
+// still get their replies.
+func (b *Bus) Close() error { return errors.Join(b.router.Close(), b.replies.Close()) }
 
 // Handle registers fn as the handler of commands of type C. A panic in fn
 // becomes an Internal error reply instead of leaving the caller waiting.
@@ -149,10 +152,26 @@ func Handle[C any, R any](b *Bus, fn func(ctx context.Context, cmd *C) (R, error
 		}()
 		return fn(ctx, cmd)
 	})
-	if err := b.processor.AddHandlers(h); err != nil {
+	if err := addHandler(b.processor, h); err != nil {
 		return fmt.Errorf("commandbus: register %s: %w", name, err)
 	}
 	return nil
+}
+
+// addHandler registers h, turning the router's panic on a duplicate handler
+// name (a second handler for the same command name) into an error. The
+// router panics before it changes any state.
+func addHandler(p *cqrs.CommandProcessor, h cqrs.CommandHandler) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			if e, ok := r.(error); ok {
+				err = e
+			} else {
+				err = fmt.Errorf("%v", r)
+			}
+		}
+	}()
+	return p.AddHandlers(h)
 }
 
 // Send sends cmd and waits for its handler's outcome. The error, if any, is
@@ -184,9 +203,9 @@ func backend[R any](b *Bus) (*requestreply.PubSubBackend[R], error) {
 		return "reply." + string(p.OperationID), nil
 	}
 	be, err := requestreply.NewPubSubBackend[R](requestreply.PubSubBackendConfig{
-		Publisher: b.pubsub,
+		Publisher: b.replies,
 		SubscriberConstructor: func(requestreply.PubSubBackendSubscribeParams) (message.Subscriber, error) {
-			return b.pubsub, nil
+			return b.replies, nil
 		},
 		GenerateSubscribeTopic: topic,
 		GeneratePublishTopic: func(p requestreply.PubSubBackendPublishParams) (string, error) {

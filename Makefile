@@ -1,0 +1,43 @@
+# statemill: everyday commands. `make test` is what CI runs (.ci/run).
+GO ?= go
+
+.PHONY: all run test fmt-check vet tidy-check bench lint fuzz up
+
+all: test
+
+## run: start the products service locally (needs PostgreSQL and RabbitMQ, see README)
+run:
+	$(GO) run ./services/products
+
+## test: formatting, vet, tidy go.mod, then every test with the race detector
+test: fmt-check vet tidy-check
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+fmt-check:
+	@out=$$(gofmt -l .) || exit 1; \
+	if [ -n "$$out" ]; then \
+		echo "gofmt: these files are not formatted (run gofmt -w):"; \
+		echo "$$out"; \
+		exit 1; \
+	fi
+
+vet:
+	$(GO) vet ./...
+
+tidy-check:
+	$(GO) mod tidy -diff
+
+## bench: every benchmark, no tests (placeholder until the benchmark suite lands)
+bench:
+	$(GO) test -run '^$$' -bench . ./...
+
+## lint: formatting and vet only
+lint: fmt-check vet
+
+## fuzz: fuzz the state machine engine for 30 s
+fuzz:
+	$(GO) test -run '^$$' -fuzz=FuzzFire -fuzztime=30s ./infra/statemachine
+
+## up: the whole system in containers
+up:
+	docker compose up --build

@@ -1,0 +1,193 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill-amqp/v3/pkg/amqp"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	amqp091 "github.com/rabbitmq/amqp091-go"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/statemill/statemill/handlers"
+	"github.com/statemill/statemill/infra/apperr"
+	"github.com/statemill/statemill/infra/broker"
+	"github.com/statemill/statemill/infra/commandbus"
+	"github.com/statemill/statemill/infra/outbox"
+	"github.com/statemill/statemill/infra/pgstore"
+	"github.com/statemill/statemill/infra/web"
+)
+
+// Run serves the products service until ctx is done, then stops cleanly:
+// no new requests, in-flight commands finish, the relay flushes the outbox.
+func Run(ctx context.Context, cfg Config) error {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	log := cfg.Logger
+	wlog := watermill.NewSlogLoggerWithLevelMapping(log, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug})
+
+	pool, err := pgstore.Open(ctx, pgstore.PoolConfig{URL: cfg.DatabaseURL, MaxConns: cfg.DBMaxConns})
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if err := retry(ctx, log, "migrate", func() error {
+		err := pgstore.Migrate(ctx, pool, pgstore.Framework(), handlers.Migrations())
+		if apperr.CodeOf(err) != apperr.Unavailable {
+			return permanent{err}
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+
+	var conn *amqp.ConnectionWrapper
+	if err := retry(ctx, log, "connect to RabbitMQ", func() (err error) {
+		conn, err = broker.Connect(cfg.AMQPURL, wlog)
+		return err
+	}); err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := broker.WithChannel(conn, func(ch *amqp091.Channel) error { return broker.DeclareShared(ch, cfg.Topology) }); err != nil {
+		return fmt.Errorf("declare topology: %w", err)
+	}
+	publisher, err := broker.NewPublisher(conn, broker.PublisherConfig{Exchange: cfg.Topology.EventsExchange}, wlog)
+	if err != nil {
+		return fmt.Errorf("event publisher: %w", err)
+	}
+	defer publisher.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(handlers.Collectors()...)
+
+	relay, err := outbox.NewWithConfig(outbox.Config{Pool: pool, Publisher: publisher, Topic: pgstore.OutboxTopic, Logger: wlog})
+	if err != nil {
+		return err
+	}
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "statemill", Name: "outbox_pending",
+		Help: "Outbox rows committed but not yet published.",
+	}, func() float64 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		n, err := relay.Pending(ctx)
+		if err != nil {
+			return -1
+		}
+		return float64(n)
+	}))
+
+	bus, err := commandbus.NewWithConfig(commandbus.Config{Registerer: reg, Logger: wlog})
+	if err != nil {
+		return err
+	}
+	repo := handlers.NewRepository(pgstore.New(pool, wlog))
+	if err := handlers.Register(bus, repo); err != nil {
+		return err
+	}
+
+	httpMetrics, err := web.NewHTTPMetrics(reg)
+	if err != nil {
+		return err
+	}
+	api := &api{bus: bus, repo: repo}
+	router := web.NewRouter()
+	api.routes(router)
+	router.Handle("GET /healthz", web.HealthHandler(map[string]func(context.Context) error{
+		"postgres": pool.Ping,
+		"rabbitmq": func(context.Context) error {
+			if !conn.IsConnected() {
+				return errors.New("not connected")
+			}
+			return nil
+		},
+	}))
+	router.Handle("GET /metrics", promHandler(reg))
+	srv := web.NewServer(cfg.HTTPAddr, web.Chain(router, web.RequestID, httpMetrics.Middleware, web.Log, web.Recover))
+
+	ln := cfg.Listener
+	if ln == nil {
+		if ln, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
+			return fmt.Errorf("listen: %w", err)
+		}
+	}
+
+	// Background work runs on its own context: on shutdown it stops only
+	// after the HTTP server and the commands in flight have.
+	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWork()
+	g, gctx := errgroup.WithContext(workCtx)
+	g.Go(func() error { return bus.Run(gctx) })
+	g.Go(func() error { return relay.Run(gctx) })
+	g.Go(func() error {
+		log.Info("products service listening", "addr", ln.Addr().String())
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("serve: %w", err)
+		}
+		return nil
+	})
+
+	select {
+	case <-ctx.Done():
+	case <-gctx.Done():
+	}
+	log.Info("products service stopping")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	var errs []error
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		errs = append(errs, fmt.Errorf("http shutdown: %w", err))
+	}
+	if err := bus.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("command bus: %w", err))
+	}
+	if err := relay.Flush(shutdownCtx); err != nil {
+		errs = append(errs, err)
+	}
+	stopWork()
+	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
+		errs = append(errs, err)
+	}
+	log.Info("products service stopped")
+	return errors.Join(errs...)
+}
+
+// permanent marks an error that retrying cannot fix.
+type permanent struct{ error }
+
+// retry runs fn until it succeeds, fails permanently or ctx ends, backing
+// off up to 5s, so a service may start before its dependencies.
+func retry(ctx context.Context, log *slog.Logger, what string, fn func() error) error {
+	wait := 100 * time.Millisecond
+	for {
+		err := fn()
+		var p permanent
+		if errors.As(err, &p) {
+			if p.error == nil {
+				return nil
+			}
+			return fmt.Errorf("%s: %w", what, p.error)
+		}
+		if err == nil {
+			return nil
+		}
+		log.Warn("retrying", "what", what, "err", err, "in", wait)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w", what, errors.Join(ctx.Err(), err))
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
+	}
+}
