@@ -5,8 +5,15 @@ GO ?= go
 
 all: test
 
-## run: start the products service locally (needs PostgreSQL and RabbitMQ, see README)
+# Local defaults for `make run`: the machine's PostgreSQL and RabbitMQ.
+DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/statemill?sslmode=disable
+AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
+export DATABASE_URL AMQP_URL
+
+## run: start the products service on :8080 against local PostgreSQL and RabbitMQ
 run:
+	@psql "$(subst /statemill?,/postgres?,$(DATABASE_URL))" -Atqc "SELECT 1 FROM pg_database WHERE datname = 'statemill'" | grep -q 1 || \
+		psql "$(subst /statemill?,/postgres?,$(DATABASE_URL))" -qc "CREATE DATABASE statemill"
 	$(GO) run ./services/products
 
 ## test: formatting, vet, tidy go.mod, then every test with the race detector

@@ -2,7 +2,9 @@ package events_test
 
 import (
 	"encoding/json"
+	"os"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/statemill/statemill/events"
@@ -108,5 +110,16 @@ func TestProductAttributesJSON(t *testing.T) {
 	var back events.ProductAttributes
 	if err := json.Unmarshal(b, &back); err != nil || back != a {
 		t.Errorf("round trip = %+v, %v", back, err)
+	}
+}
+
+// The README shows the machine as the engine draws it; the two must agree.
+func TestReadmeShowsTheProductMachine(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "```mermaid\n" + events.ProductMachine.Mermaid(); !strings.Contains(string(readme), want) {
+		t.Fatalf("README.md does not contain the Product machine's diagram; put this in it:\n%s", want)
 	}
 }

@@ -3,8 +3,7 @@
 // with publisher confirms, then marked done; published rows are pruned after
 // a retention period so the table does not grow forever.
 //
-// The relay is Watermill's forwarder over watermill-sql's PostgreSQL
-// subscriber. Delivery is at least once: a crash between the broker's confirm
+// Delivery is at least once: a crash between the broker's confirm
 // and the offset update publishes a row again, which version-checked
 // consumers absorb.
 package outbox
@@ -93,8 +92,23 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// Relay moves outbox rows to the broker.
-type Relay struct {
+// Relay moves committed outbox rows to the broker. ForwarderRelay is the
+// PostgreSQL implementation.
+type Relay interface {
+	// Run relays until ctx is done or Close is called.
+	Run(ctx context.Context) error
+	// Pending counts rows committed but not yet published.
+	Pending(ctx context.Context) (int64, error)
+	// Flush waits until every row committed so far is published.
+	Flush(ctx context.Context) error
+	Close() error
+}
+
+var _ Relay = (*ForwarderRelay)(nil)
+
+// ForwarderRelay is Watermill's forwarder over watermill-sql's PostgreSQL
+// subscriber.
+type ForwarderRelay struct {
 	config     Config
 	forwarder  *forwarder.Forwarder
 	subscriber *wsql.Subscriber
@@ -102,8 +116,8 @@ type Relay struct {
 	offsets    string
 }
 
-// NewWithConfig builds a relay. The outbox tables must exist (migrations).
-func NewWithConfig(c Config) (*Relay, error) {
+// NewForwarderRelay builds a relay. The outbox tables must exist (migrations).
+func NewForwarderRelay(c Config) (*ForwarderRelay, error) {
 	c.setDefaults()
 	if err := c.Validate(); err != nil {
 		return nil, err
@@ -134,7 +148,7 @@ func NewWithConfig(c Config) (*Relay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("outbox: forwarder: %w", err)
 	}
-	return &Relay{
+	return &ForwarderRelay{
 		config:     c,
 		forwarder:  fwd,
 		subscriber: sub,
@@ -144,7 +158,7 @@ func NewWithConfig(c Config) (*Relay, error) {
 }
 
 // Run relays and prunes until ctx is done or Close is called.
-func (r *Relay) Run(ctx context.Context) error {
+func (r *ForwarderRelay) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	pruned := make(chan struct{})
@@ -164,13 +178,13 @@ func (r *Relay) Run(ctx context.Context) error {
 }
 
 // Running is closed once the relay's forwarder is running.
-func (r *Relay) Running() <-chan struct{} { return r.forwarder.Running() }
+func (r *ForwarderRelay) Running() <-chan struct{} { return r.forwarder.Running() }
 
 // Close stops the forwarder.
-func (r *Relay) Close() error { return r.forwarder.Close() }
+func (r *ForwarderRelay) Close() error { return r.forwarder.Close() }
 
 // Pending counts rows not yet published.
-func (r *Relay) Pending(ctx context.Context) (int64, error) {
+func (r *ForwarderRelay) Pending(ctx context.Context) (int64, error) {
 	var n int64
 	err := r.config.Pool.QueryRow(ctx, `
 		SELECT count(*) FROM `+r.table+` o
@@ -185,7 +199,7 @@ func (r *Relay) Pending(ctx context.Context) (int64, error) {
 }
 
 // Flush waits until every row committed so far is published, or ctx ends.
-func (r *Relay) Flush(ctx context.Context) error {
+func (r *ForwarderRelay) Flush(ctx context.Context) error {
 	tick := time.NewTicker(r.config.PollInterval + 10*time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -204,7 +218,7 @@ func (r *Relay) Flush(ctx context.Context) error {
 	}
 }
 
-func (r *Relay) pruneLoop(ctx context.Context) {
+func (r *ForwarderRelay) pruneLoop(ctx context.Context) {
 	t := time.NewTicker(r.config.PruneInterval)
 	defer t.Stop()
 	for {
@@ -226,7 +240,7 @@ func (r *Relay) pruneLoop(ctx context.Context) {
 // every relay: rows are read in (xid, offset) order and only once every
 // transaction with a smaller xid has ended. (Comparing offsets would not do:
 // a later offset can belong to a smaller xid that committed earlier.)
-func (r *Relay) Prune(ctx context.Context) (int64, error) {
+func (r *ForwarderRelay) Prune(ctx context.Context) (int64, error) {
 	var total int64
 	for {
 		tag, err := r.config.Pool.Exec(ctx, `

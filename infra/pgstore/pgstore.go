@@ -20,6 +20,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/statemill/statemill/infra/envelope"
+	"github.com/statemill/statemill/infra/store"
 )
 
 // OutboxTopic is the watermill-sql topic (table watermill_outbox) that holds
@@ -181,3 +182,5 @@ func ScanEvent(row pgx.CollectableRow) (envelope.Event, error) {
 	e.OccurredAt = e.OccurredAt.UTC()
 	return e, err
 }
+
+var _ store.Store[*Tx] = (*Store)(nil)

@@ -71,7 +71,7 @@ func Run(ctx context.Context, cfg Config) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(handlers.Collectors()...)
 
-	relay, err := outbox.NewWithConfig(outbox.Config{Pool: pool, Publisher: publisher, Topic: pgstore.OutboxTopic, Logger: wlog})
+	relay, err := outbox.NewForwarderRelay(outbox.Config{Pool: pool, Publisher: publisher, Topic: pgstore.OutboxTopic, Logger: wlog})
 	if err != nil {
 		return err
 	}
