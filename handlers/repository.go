@@ -76,16 +76,20 @@ func (r *Repository) Create(ctx context.Context, build func() (*Product, error))
 	return saved, nil
 }
 
-// Update locks product id, lets fn change it, and saves what fn fired. The
-// lock is the transaction's first statement, taken before any xid, so
-// commands on one product serialise and their events leave in lock order.
-// When fn fires nothing, nothing is written.
+// Update locks product id, lets fn change it, and saves what fn fired.
+// Commands on one product serialise on an advisory lock taken first, before
+// the transaction has an xid, and then on the row lock; so their xids, and
+// the relay's publishing order, follow lock order. When fn fires nothing,
+// nothing is written.
 func (r *Repository) Update(ctx context.Context, id string, fn func(p *Product) error) (*Product, error) {
 	if uuid.Validate(id) != nil {
 		return nil, notFound(id)
 	}
 	var saved *Product
 	err := r.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
+		if err := tx.LockEntity(ctx, events.EntityType, id); err != nil {
+			return err
+		}
 		p, err := scanProduct(tx.QueryRow(ctx, `SELECT `+productColumns+` FROM products WHERE id = $1 FOR UPDATE`, id))
 		if errors.Is(err, pgx.ErrNoRows) {
 			return notFound(id)

@@ -118,7 +118,9 @@ func NewWithConfig(c Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("commandbus: processor: %w", err)
 	}
-	replies := gochannel.NewGoChannel(gochannel.Config{}, c.Logger)
+	// A reply is published only once its caller has taken it, so that Close,
+	// which closes replies after the last handler returned, cannot drop it.
+	replies := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, c.Logger)
 	return &Bus{config: c, pubsub: pubsub, replies: replies, router: router, bus: bus, processor: processor}, nil
 }
 

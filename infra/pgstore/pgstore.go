@@ -93,8 +93,8 @@ type Tx struct {
 }
 
 // InTx runs fn in one transaction and commits it when fn returns nil. The
-// first statement fn runs should be its SELECT ... FOR UPDATE: nothing
-// before it takes an xid, so xid order follows lock order per entity.
+// first statement fn runs on an existing entity should be LockEntity, then
+// its SELECT ... FOR UPDATE: xid order then follows lock order per entity.
 // Connection failures come back as apperr.Unavailable.
 func (s *Store) InTx(ctx context.Context, fn func(ctx context.Context, tx *Tx) error) error {
 	pgtx, err := s.pool.Begin(ctx)
@@ -117,10 +117,28 @@ func (s *Store) InTx(ctx context.Context, fn func(ctx context.Context, tx *Tx) e
 	return nil
 }
 
+// LockEntity serialises the transactions of one entity on a transaction-level
+// advisory lock; call it first, before the SELECT ... FOR UPDATE of the row.
+// Waiting for an advisory lock takes no xid, so the xids of an entity's
+// transactions follow their lock order, and so does the relay (which
+// publishes in xid order). SELECT ... FOR UPDATE alone does not ensure this:
+// a waiter whose row was updated meanwhile takes its xid when the holder
+// commits, then follows the update chain and can wait again behind a newer
+// transaction that locked the new row version first.
+func (tx *Tx) LockEntity(ctx context.Context, entityType, entityID string) error {
+	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))`, entityType, entityID); err != nil {
+		return fmt.Errorf("lock %s %s: %w", entityType, entityID, err)
+	}
+	return nil
+}
+
 // Append records events in order: one history row and one outbox message
-// each, in this transaction. It fills in each event's Sequence.
+// each, in this transaction. It fills in each event's Sequence and brings its
+// OccurredAt to UTC at PostgreSQL's microsecond precision, so the published
+// event and the stored one (which a replay sends) carry the same value.
 func (tx *Tx) Append(ctx context.Context, events ...*envelope.Event) error {
 	for _, e := range events {
+		e.OccurredAt = e.OccurredAt.UTC().Truncate(time.Microsecond)
 		err := tx.QueryRow(ctx, `
 			INSERT INTO history (event_id, entity_type, entity_id, version, event, from_state, to_state,
 			                     attributes, correlation_id, occurred_at)
