@@ -10,11 +10,15 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/statemill?sslmode=disable
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export DATABASE_URL AMQP_URL
 
-## run: start the products service on :8080 against local PostgreSQL and RabbitMQ
+## run: the products service (:8080) and the catalog (:8081) against local PostgreSQL and RabbitMQ; Ctrl-C stops both
 run:
 	@psql "$(subst /statemill?,/postgres?,$(DATABASE_URL))" -Atqc "SELECT 1 FROM pg_database WHERE datname = 'statemill'" | grep -q 1 || \
 		psql "$(subst /statemill?,/postgres?,$(DATABASE_URL))" -qc "CREATE DATABASE statemill"
-	$(GO) run ./services/products
+	$(GO) build -o bin/ ./services/products ./services/catalog
+	@trap 'kill 0' INT TERM EXIT; \
+		HTTP_ADDR=:8080 bin/products & \
+		HTTP_ADDR=:8081 bin/catalog & \
+		wait
 
 ## test: formatting, vet, tidy go.mod, then every test with the race detector
 test: fmt-check vet tidy-check

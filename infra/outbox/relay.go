@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -44,9 +45,6 @@ type Config struct {
 	// PruneInterval is how often published rows are deleted. Default 1m.
 	PruneInterval time.Duration
 
-	// Router, when set, hosts the forwarder's handler (for shared metrics and
-	// middleware); Run then only prunes and the caller runs the router.
-	Router *message.Router
 	Logger watermill.LoggerAdapter
 }
 
@@ -109,11 +107,14 @@ var _ Relay = (*ForwarderRelay)(nil)
 // ForwarderRelay is Watermill's forwarder over watermill-sql's PostgreSQL
 // subscriber.
 type ForwarderRelay struct {
-	config     Config
-	forwarder  *forwarder.Forwarder
-	subscriber *wsql.Subscriber
-	table      string
-	offsets    string
+	config  Config
+	table   string
+	offsets string
+
+	running     chan struct{} // closed once a forwarder first runs
+	runningOnce sync.Once
+	closeOnce   sync.Once
+	closed      chan struct{}
 }
 
 // NewForwarderRelay builds a relay. The outbox tables must exist (migrations).
@@ -122,8 +123,21 @@ func NewForwarderRelay(c Config) (*ForwarderRelay, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
-	schema := wsql.DefaultPostgreSQLSchema{SubscribeBatchSize: c.BatchSize}
-	offsets := wsql.DefaultPostgreSQLOffsetsAdapter{}
+	r := &ForwarderRelay{
+		config:  c,
+		table:   wsql.DefaultPostgreSQLSchema{}.MessagesTable(c.Topic),
+		offsets: wsql.DefaultPostgreSQLOffsetsAdapter{}.MessagesOffsetsTable(c.Topic),
+		running: make(chan struct{}),
+		closed:  make(chan struct{}),
+	}
+	if _, err := r.newForwarder(); err != nil { // fail fast on a config Watermill refuses
+		return nil, err
+	}
+	return r, nil
+}
+
+func (r *ForwarderRelay) newForwarder() (*forwarder.Forwarder, error) {
+	c := r.config
 	ackDeadline := c.AckDeadline
 	sub, err := wsql.NewSubscriber(wsql.BeginnerFromPgx(c.Pool), wsql.SubscriberConfig{
 		ConsumerGroup:  c.ConsumerGroup,
@@ -131,8 +145,8 @@ func NewForwarderRelay(c Config) (*ForwarderRelay, error) {
 		PollInterval:   c.PollInterval,
 		ResendInterval: 200 * time.Millisecond,
 		RetryInterval:  500 * time.Millisecond,
-		SchemaAdapter:  schema,
-		OffsetsAdapter: offsets,
+		SchemaAdapter:  wsql.DefaultPostgreSQLSchema{SubscribeBatchSize: c.BatchSize},
+		OffsetsAdapter: wsql.DefaultPostgreSQLOffsetsAdapter{},
 	}, c.Logger)
 	if err != nil {
 		return nil, fmt.Errorf("outbox: subscriber: %w", err)
@@ -143,45 +157,69 @@ func NewForwarderRelay(c Config) (*ForwarderRelay, error) {
 		// A row that is not an envelope can never be published; retrying
 		// it would stall the outbox forever. It is logged and skipped.
 		AckWhenCannotUnwrap: true,
-		Router:              c.Router,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("outbox: forwarder: %w", err)
 	}
-	return &ForwarderRelay{
-		config:     c,
-		forwarder:  fwd,
-		subscriber: sub,
-		table:      schema.MessagesTable(c.Topic),
-		offsets:    offsets.MessagesOffsetsTable(c.Topic),
-	}, nil
+	return fwd, nil
 }
 
-// Run relays and prunes until ctx is done or Close is called.
+// Run relays and prunes until ctx is done or Close is called. A forwarder
+// that stops (its subscription fails while PostgreSQL is down) is replaced
+// after a backoff: the relay outlives database outages.
 func (r *ForwarderRelay) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	go func() {
+		select {
+		case <-r.closed:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	pruned := make(chan struct{})
 	go func() {
 		defer close(pruned)
 		r.pruneLoop(ctx)
 	}()
-	var err error
-	if r.config.Router == nil {
-		err = r.forwarder.Run(ctx)
-	} else {
-		<-ctx.Done()
+	defer func() { <-pruned }()
+	wait := 200 * time.Millisecond
+	for {
+		fwd, err := r.newForwarder()
+		if err == nil {
+			go func() {
+				select {
+				case <-fwd.Running():
+					r.runningOnce.Do(func() { close(r.running) })
+				case <-ctx.Done():
+				}
+			}()
+			err = fwd.Run(ctx)
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err == nil {
+			err = errors.New("forwarder stopped")
+		}
+		r.config.Logger.Error("outbox relay stopped; restarting", err, watermill.LogFields{"in": wait.String()})
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
 	}
-	cancel()
-	<-pruned
-	return err
 }
 
-// Running is closed once the relay's forwarder is running.
-func (r *ForwarderRelay) Running() <-chan struct{} { return r.forwarder.Running() }
+// Running is closed once the relay has first subscribed to the outbox.
+func (r *ForwarderRelay) Running() <-chan struct{} { return r.running }
 
-// Close stops the forwarder.
-func (r *ForwarderRelay) Close() error { return r.forwarder.Close() }
+// Close stops Run.
+func (r *ForwarderRelay) Close() error {
+	r.closeOnce.Do(func() { close(r.closed) })
+	return nil
+}
 
 // Pending counts rows not yet published.
 func (r *ForwarderRelay) Pending(ctx context.Context) (int64, error) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"reflect"
 	"sync"
 	"testing"
@@ -649,5 +650,65 @@ func (h *harness) dumpOrder(t *testing.T, got []received) {
 		var xid string
 		_ = h.store.Pool().QueryRow(testCtx(t), `SELECT transaction_id::text FROM history WHERE event_id = $1`, e.ID).Scan(&xid)
 		t.Logf("#%02d %s v%-3d seq %-4d xid %s", i, e.EntityID[:8], e.Version, e.Sequence, xid)
+	}
+}
+
+// A relay that starts while PostgreSQL is unreachable keeps trying, and
+// relays once the database is back: it never stops the service.
+func TestRelaySurvivesDatabaseDownAtStart(t *testing.T) {
+	ctx := testCtx(t)
+	dbURL := sandbox.Postgres(t)
+	storePool := openPool(t, dbURL, 2)
+	if err := pgstore.Migrate(ctx, storePool, pgstore.Framework()); err != nil {
+		t.Fatal(err)
+	}
+	store := pgstore.New(storePool, nil)
+	if err := store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
+		return tx.Append(ctx, widgetEvent(uuid.NewString(), 1, "create", "new", "created"))
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := sandbox.NewProxy(t, u.Host)
+	proxy.Down()
+	u.Host = proxy.Addr()
+	relay, err := outbox.NewForwarderRelay(outbox.Config{Pool: openPool(t, u.String(), 2), Publisher: nopPublisher{}, Topic: pgstore.OutboxTopic})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- relay.Run(runCtx) }()
+	defer func() {
+		cancel()
+		if err := <-runErr; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+
+	// Let it fail at least twice: the first subscription and a retry.
+	if !eventually(t, 20*time.Second, func() bool { return proxy.Accepted() >= 2 }) {
+		t.Fatal("the relay never tried to reach the database")
+	}
+	proxy.Up()
+	if !eventually(t, 20*time.Second, func() bool {
+		select {
+		case err := <-runErr:
+			t.Fatalf("the relay stopped instead of waiting for the database: %v", err)
+		default:
+		}
+		n, err := relay.Pending(ctx)
+		return err == nil && n == 0
+	}) {
+		t.Fatal("the relay did not publish after the database came back")
+	}
+	select {
+	case <-relay.Running():
+	default:
+		t.Fatal("Running not closed although the relay published")
 	}
 }

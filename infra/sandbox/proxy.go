@@ -14,9 +14,10 @@ type Proxy struct {
 	ln     net.Listener
 	target string
 
-	mu    sync.Mutex
-	down  bool
-	conns map[net.Conn]struct{}
+	mu       sync.Mutex
+	down     bool
+	conns    map[net.Conn]struct{}
+	accepted int
 }
 
 // NewProxy listens on a free loopback port and forwards to target until t ends.
@@ -67,8 +68,17 @@ func (p *Proxy) serve() {
 	}
 }
 
+// Accepted counts the connections clients opened, refused ones included: a
+// test can wait for a client to have tried while the proxy was down.
+func (p *Proxy) Accepted() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.accepted
+}
+
 func (p *Proxy) pipe(client net.Conn) {
 	p.mu.Lock()
+	p.accepted++
 	if p.down {
 		p.mu.Unlock()
 		client.Close()

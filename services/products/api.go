@@ -11,14 +11,16 @@ import (
 	"github.com/statemill/statemill/handlers"
 	"github.com/statemill/statemill/infra/commandbus"
 	"github.com/statemill/statemill/infra/envelope"
+	"github.com/statemill/statemill/infra/replay"
 	"github.com/statemill/statemill/infra/web"
 )
 
 // api is the HTTP API of DESIGN §4. Commands go over the command bus;
 // reads go straight to the repository.
 type api struct {
-	bus  *commandbus.Bus
-	repo *handlers.Repository
+	bus     *commandbus.Bus
+	repo    *handlers.Repository
+	replays *replay.Responder
 }
 
 func (a *api) routes(r *web.Router) {
@@ -28,6 +30,8 @@ func (a *api) routes(r *web.Router) {
 	r.HandleFunc("PUT /api/products/{id}", a.adjust)
 	r.HandleFunc("DELETE /api/products/{id}", a.discontinue)
 	r.HandleFunc("GET /api/products/{id}/history", a.history)
+	r.HandleFunc("POST /api/replays", a.requestReplay)
+	r.HandleFunc("GET /api/replays/{id}", a.getReplay)
 }
 
 func (a *api) list(w http.ResponseWriter, r *http.Request) {
@@ -129,6 +133,32 @@ func (a *api) discontinue(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeProduct(w, http.StatusOK, p)
+}
+
+// requestReplay records a replay request; the responder's pool runs it
+// (202), and GET /api/replays/{id} tells how it went.
+func (a *api) requestReplay(w http.ResponseWriter, r *http.Request) {
+	var req replay.Request
+	if err := web.DecodeJSON(r, w, &req); err != nil {
+		web.WriteError(w, r, err)
+		return
+	}
+	req, err := a.replays.Submit(r.Context(), req)
+	if err != nil {
+		web.WriteError(w, r, err)
+		return
+	}
+	w.Header().Set("Location", "/api/replays/"+url.PathEscape(req.ReplayID))
+	web.WriteJSON(w, http.StatusAccepted, map[string]string{"replay_id": req.ReplayID})
+}
+
+func (a *api) getReplay(w http.ResponseWriter, r *http.Request) {
+	rec, err := a.replays.Get(r.Context(), r.PathValue("id"))
+	if err != nil {
+		web.WriteError(w, r, err)
+		return
+	}
+	web.WriteJSON(w, http.StatusOK, rec)
 }
 
 // send puts cmd on the bus with the request id as its correlation id.

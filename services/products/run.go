@@ -22,6 +22,7 @@ import (
 	"github.com/statemill/statemill/infra/commandbus"
 	"github.com/statemill/statemill/infra/outbox"
 	"github.com/statemill/statemill/infra/pgstore"
+	"github.com/statemill/statemill/infra/replay"
 	"github.com/statemill/statemill/infra/web"
 )
 
@@ -97,11 +98,19 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 
+	replays, err := handlers.NewReplayResponder(replay.Config{
+		Pool: pool, AMQPURL: cfg.AMQPURL, Topology: cfg.Topology,
+		QueueName: replayQueue(cfg.Topology), Logger: log, Registerer: reg,
+	})
+	if err != nil {
+		return fmt.Errorf("replay responder: %w", err)
+	}
+
 	httpMetrics, err := web.NewHTTPMetrics(reg)
 	if err != nil {
 		return err
 	}
-	api := &api{bus: bus, repo: repo}
+	api := &api{bus: bus, repo: repo, replays: replays}
 	router := web.NewRouter()
 	api.routes(router)
 	router.Handle("GET /healthz", web.HealthHandler(map[string]func(context.Context) error{
@@ -111,6 +120,16 @@ func Run(ctx context.Context, cfg Config) error {
 				return errors.New("not connected")
 			}
 			return nil
+		},
+		// Not ready until the relay has subscribed to the outbox: its
+		// subscription fails for good if the database drops meanwhile.
+		"relay": func(context.Context) error {
+			select {
+			case <-relay.Running():
+				return nil
+			default:
+				return errors.New("starting")
+			}
 		},
 	}))
 	router.Handle("GET /metrics", promHandler(reg))
@@ -128,8 +147,22 @@ func Run(ctx context.Context, cfg Config) error {
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()
 	g, gctx := errgroup.WithContext(workCtx)
-	g.Go(func() error { return bus.Run(gctx) })
-	g.Go(func() error { return relay.Run(gctx) })
+	// background names each task, so the log says which one stopped the service.
+	background := func(name string, run func(context.Context) error) {
+		g.Go(func() error {
+			err := run(gctx)
+			if err != nil && !errors.Is(err, context.Canceled) {
+				log.Error("background task failed; stopping", "task", name, "err", err)
+				return fmt.Errorf("%s: %w", name, err)
+			}
+			return err
+		})
+	}
+	background("command bus", bus.Run)
+	background("outbox relay", relay.Run)
+	// Replays cut short by the stop are recorded as pending and resume at
+	// the next start.
+	background("replay responder", replays.Run)
 	g.Go(func() error {
 		log.Info("products service listening", "addr", ln.Addr().String())
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -161,6 +194,17 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	log.Info("products service stopped")
 	return errors.Join(errs...)
+}
+
+// replayQueue is the request queue for topology: DESIGN's
+// products.replay_requests with the default commands exchange; with another
+// exchange (a second deployment, or a test, on the same broker) the queue is
+// named after it, so two deployments never consume each other's requests.
+func replayQueue(t broker.Topology) string {
+	if t.CommandsExchange == (broker.Topology{}).WithDefaults().CommandsExchange {
+		return handlers.ReplayQueue
+	}
+	return t.CommandsExchange + "." + handlers.ReplayQueue
 }
 
 // permanent marks an error that retrying cannot fix.

@@ -1,0 +1,178 @@
+package projection
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"slices"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/statemill/statemill/infra/apperr"
+	"github.com/statemill/statemill/infra/broker"
+	"github.com/statemill/statemill/infra/envelope"
+	"github.com/statemill/statemill/infra/replay"
+)
+
+// Defaults of Config.
+const (
+	DefaultPrefetch       = 200
+	DefaultBatchSize      = 100
+	DefaultBatchDelay     = 5 * time.Millisecond
+	DefaultRebuildTimeout = 10 * time.Minute
+)
+
+// StateTable is the table, in Config.Schema, where the runtime keeps each
+// projection's generations, rebuild state and replay cursors (one row per
+// worker name). ProgressTable counts the events applied per generation.
+const (
+	StateTable    = "projection_state"
+	ProgressTable = "projection_progress"
+)
+
+// namePattern is the shape of a worker name: it is also the replay prefix of
+// the worker, so it follows the prefix rule of DESIGN §6.
+var namePattern = regexp.MustCompile(`^[a-z][a-z0-9-]{0,39}$`)
+
+// Config configures a Worker.
+type Config struct {
+	// Name is the worker's name N: its queues are N.live, N.replay and
+	// N.dead, and N is the prefix its replays are published under. It must
+	// match ^[a-z][a-z0-9-]{0,39}$ and not be an entity type or a word the
+	// routing scheme uses.
+	Name string
+	// EntityTypes are the entity types the projection consumes.
+	EntityTypes []string
+	// Projection writes the read model.
+	Projection Projection
+	// Pool is the read model's database. The worker uses up to two
+	// connections of it at a time (live and replay batches) and opens one
+	// more of its own, outside the pool, to hold the rebuild lock.
+	Pool *pgxpool.Pool
+	// AMQPURL is the broker.
+	AMQPURL string
+	// Topology names the shared exchanges (defaults filled in).
+	Topology broker.Topology
+	// Schema is the PostgreSQL schema of StateTable and ProgressTable;
+	// default Name. The worker creates both if they are missing.
+	Schema string
+	// Prefetch is the consumer prefetch of each queue; default 200.
+	Prefetch int
+	// BatchSize is the most events applied in one transaction; default 100.
+	BatchSize int
+	// BatchDelay is how long a batch waits for more deliveries after its
+	// first one; default 5ms.
+	BatchDelay time.Duration
+	// RebuildTimeout bounds a rebuild or catch-up from its request to its
+	// swap; default 10 minutes.
+	RebuildTimeout time.Duration
+	// RebuildOnFirstStart starts a rebuild as soon as the worker consumes,
+	// when its state row did not exist before this start (a new projection
+	// fills itself from history).
+	RebuildOnFirstStart bool
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Registerer receives the worker's metrics; nil means
+	// prometheus.DefaultRegisterer. Registering twice (several workers in
+	// one process) shares the collectors; series are labelled by name.
+	Registerer prometheus.Registerer
+}
+
+// withDefaults returns c with the empty fields filled in.
+func (c Config) withDefaults() Config {
+	c.Topology = c.Topology.WithDefaults()
+	if c.Schema == "" {
+		c.Schema = c.Name
+	}
+	if c.Prefetch <= 0 {
+		c.Prefetch = DefaultPrefetch
+	}
+	if c.BatchSize <= 0 {
+		c.BatchSize = DefaultBatchSize
+	}
+	if c.BatchDelay <= 0 {
+		c.BatchDelay = DefaultBatchDelay
+	}
+	if c.RebuildTimeout <= 0 {
+		c.RebuildTimeout = DefaultRebuildTimeout
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Registerer == nil {
+		c.Registerer = prometheus.DefaultRegisterer
+	}
+	return c
+}
+
+// Validate reports what is missing or wrong, as an apperr.Invalid error with
+// one message per field. Zero values that have defaults are fine.
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	f := apperr.Fields{}
+	if len(c.EntityTypes) == 0 {
+		f.Add("entity_types", "at least one entity type is needed")
+	}
+	for _, et := range c.EntityTypes {
+		if !envelope.ValidName(et) {
+			f.Add("entity_types", fmt.Sprintf("%q is not a valid entity type", et))
+		}
+	}
+	if !namePattern.MatchString(c.Name) {
+		f.Add("name", fmt.Sprintf("%q must match %s", c.Name, namePattern))
+	} else if len(c.EntityTypes) > 0 {
+		// The name is the replay prefix: check it the way the producer will.
+		r := replay.Request{Prefix: c.Name, EntityType: c.EntityTypes[0]}
+		if err := r.Normalize(c.EntityTypes); err != nil {
+			var ae *apperr.Error
+			if errors.As(err, &ae) && ae.Fields["prefix"] != "" {
+				f.Add("name", ae.Fields["prefix"])
+			}
+		}
+	}
+	if c.Projection == nil {
+		f.Add("projection", "is required")
+	}
+	if c.Pool == nil {
+		f.Add("pool", "is required")
+	}
+	if c.AMQPURL == "" {
+		f.Add("amqp_url", "is required")
+	}
+	if err := c.Topology.Validate(); err != nil {
+		f.Add("topology", err.Error())
+	}
+	if c.Schema == "" {
+		f.Add("schema", "is required")
+	}
+	if c.BatchSize > c.Prefetch {
+		f.Add("batch_size", "must not exceed the prefetch, or a batch never fills")
+	}
+	if slices.ContainsFunc(c.EntityTypes, func(et string) bool { return et == c.Name }) {
+		f.Add("name", "must not be one of the entity types")
+	}
+	return f.Err()
+}
+
+// ActiveGenerationSQL returns a scalar subquery that yields the active
+// generation of the projection worker named name whose state lives in schema,
+// for readers to filter on:
+//
+//	SELECT ... FROM catalog.items WHERE generation = <ActiveGenerationSQL("catalog", "catalog")>
+//
+// The swap of a rebuild changes it in one transaction, so a statement always
+// reads one complete generation. It panics when name is not a valid worker
+// name (a programming error; the name is also quoted as a literal).
+func ActiveGenerationSQL(schema, name string) string {
+	if !namePattern.MatchString(name) {
+		panic(fmt.Sprintf("projection: invalid worker name %q", name))
+	}
+	return "(SELECT active_generation FROM " + table(schema, StateTable) + " WHERE name = '" + name + "')"
+}
+
+// table is the quoted, schema-qualified name of a runtime table.
+func table(schema, name string) string { return pgx.Identifier{schema, name}.Sanitize() }

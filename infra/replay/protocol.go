@@ -1,0 +1,131 @@
+// Package replay is statemill's replay protocol (DESIGN §6): a consumer asks
+// the producer to publish history again under a routing-key prefix that only
+// that consumer is bound to, and the producer brackets the events with
+// markers. It also holds the responder that answers such requests from a
+// PostgreSQL history in one REPEATABLE READ snapshot.
+package replay
+
+import (
+	"encoding/base64"
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+
+	"github.com/google/uuid"
+
+	"github.com/statemill/statemill/infra/apperr"
+	"github.com/statemill/statemill/infra/envelope"
+)
+
+// Mode says what a replay publishes.
+type Mode string
+
+const (
+	// Full publishes every transition, in sequence order.
+	Full Mode = "full"
+	// Latest publishes only the newest transition of each entity, for views
+	// that need state, not history: a start costs O(entities).
+	Latest Mode = "latest"
+)
+
+// RequestRoutingKey is the routing key of a Request on the commands exchange.
+const RequestRoutingKey = "replay.request"
+
+// Marker event names, published as `<prefix>.<entity_type>.<marker>`. No
+// entity event may carry these names.
+const (
+	StartedEvent   = "replay_started"
+	CompletedEvent = "replay_completed"
+)
+
+// reservedPrefixes are words the routing scheme uses: a replay under them
+// could reach consumers it is not meant for.
+var reservedPrefixes = []string{"replay", "events", "commands", "amq", "live", "dead"}
+
+// Request asks for a replay.
+type Request struct {
+	ReplayID   string `json:"replay_id"`
+	Prefix     string `json:"prefix"`
+	EntityType string `json:"entity_type"`
+	// After, when set, is the cursor of an earlier replay: only transitions
+	// that snapshot did not see are replayed.
+	After string `json:"after,omitempty"`
+	Mode  Mode   `json:"mode,omitempty"`
+}
+
+// Normalize fills the defaults (a fresh replay id, mode full) and validates
+// the request against the entity types the producer serves. Errors are
+// apperr.Invalid with one message per field.
+func (r *Request) Normalize(entityTypes []string) error {
+	f := apperr.Fields{}
+	if r.ReplayID == "" {
+		r.ReplayID = uuid.Must(uuid.NewV7()).String()
+	} else if uuid.Validate(r.ReplayID) != nil {
+		f.Add("replay_id", "must be a UUID")
+	}
+	if err := envelope.ValidatePrefix(r.Prefix, entityTypes, reservedPrefixes...); err != nil {
+		f.Add("prefix", err.Error())
+	}
+	if !slices.Contains(entityTypes, r.EntityType) {
+		f.Add("entity_type", fmt.Sprintf("must be one of %s", strings.Join(entityTypes, ", ")))
+	}
+	if r.Mode == "" {
+		r.Mode = Full
+	}
+	if r.Mode != Full && r.Mode != Latest {
+		f.Add("mode", `must be "full" or "latest"`)
+	}
+	if r.After != "" {
+		if _, err := ParseCursor(r.After); err != nil {
+			f.Add("after", err.Error())
+		}
+	}
+	return f.Err()
+}
+
+// Started opens a replay: `<prefix>.<entity_type>.replay_started`.
+type Started struct {
+	ReplayID      string `json:"replay_id"`
+	ExpectedCount int64  `json:"expected_count"`
+}
+
+// Completed closes a replay: `<prefix>.<entity_type>.replay_completed`.
+// Count is the number of event messages published for the replay; a
+// consumer is complete when it has received Count distinct event ids of the
+// replay (this marker may overtake the last events). Cursor identifies the
+// snapshot the replay read.
+type Completed struct {
+	ReplayID string `json:"replay_id"`
+	Count    int64  `json:"count"`
+	Cursor   string `json:"cursor"`
+}
+
+// IsMarker reports whether an event name is one of the markers.
+func IsMarker(event string) bool { return event == StartedEvent || event == CompletedEvent }
+
+// Cursor is a PostgreSQL snapshot (pg_snapshot text: xmin:xmax:xip,...): the
+// transitions a replay saw are exactly those whose xid is visible in it.
+type Cursor struct{ Snapshot string }
+
+const cursorPrefix = "pg1:"
+
+var snapshotPattern = regexp.MustCompile(`^\d{1,20}:\d{1,20}:(\d{1,20}(,\d{1,20})*)?$`)
+
+// String is the opaque token handed to consumers.
+func (c Cursor) String() string {
+	return base64.RawURLEncoding.EncodeToString([]byte(cursorPrefix + c.Snapshot))
+}
+
+// ParseCursor reads a token made by Cursor.String.
+func ParseCursor(token string) (Cursor, error) {
+	raw, err := base64.RawURLEncoding.DecodeString(token)
+	if err != nil || !strings.HasPrefix(string(raw), cursorPrefix) {
+		return Cursor{}, fmt.Errorf("is not a replay cursor")
+	}
+	snap := strings.TrimPrefix(string(raw), cursorPrefix)
+	if len(snap) > 1<<16 || !snapshotPattern.MatchString(snap) {
+		return Cursor{}, fmt.Errorf("is not a replay cursor")
+	}
+	return Cursor{Snapshot: snap}, nil
+}

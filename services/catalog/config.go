@@ -1,0 +1,89 @@
+package main
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/statemill/statemill/infra/broker"
+)
+
+// envVars lists every environment variable the service reads (the compose
+// test checks that docker-compose.yml sets them).
+var envVars = []string{"DATABASE_URL", "AMQP_URL", "HTTP_ADDR", "EVENTS_EXCHANGE", "COMMANDS_EXCHANGE", "CATALOG_NAME", "LOG_LEVEL"}
+
+// Config is what Run needs. Zero values take the defaults.
+type Config struct {
+	DatabaseURL string
+	AMQPURL     string
+	HTTPAddr    string          // default ":8081"
+	Topology    broker.Topology // default exchanges "events" and "commands"
+	// Name is the worker's name: its queues are <Name>.live, <Name>.replay
+	// and <Name>.dead, and its replays come under the prefix <Name>.
+	// Default "catalog" (env CATALOG_NAME).
+	Name string
+	// RebuildAtStart rebuilds the read model once the worker runs (-rebuild).
+	RebuildAtStart bool
+	// RebuildTimeout bounds a rebuild. Default 10m.
+	RebuildTimeout time.Duration
+	// Listener, when set, is served instead of listening on HTTPAddr.
+	Listener        net.Listener
+	ShutdownTimeout time.Duration // default 20s
+	DBMaxConns      int32         // default 16
+	Logger          *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.AMQPURL == "" {
+		c.AMQPURL = "amqp://guest:guest@localhost:5672/"
+	}
+	if c.HTTPAddr == "" {
+		c.HTTPAddr = ":8081"
+	}
+	if c.Name == "" {
+		c.Name = "catalog"
+	}
+	c.Topology = c.Topology.WithDefaults()
+	if c.RebuildTimeout == 0 {
+		c.RebuildTimeout = 10 * time.Minute
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = 20 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate reports what is missing.
+func (c Config) Validate() error {
+	if c.DatabaseURL == "" {
+		return errors.New("DATABASE_URL is required")
+	}
+	return c.Topology.Validate()
+}
+
+func configFromEnv(getenv func(string) string) (Config, error) {
+	level := slog.LevelInfo
+	if v := getenv("LOG_LEVEL"); v != "" {
+		if err := level.UnmarshalText([]byte(strings.ToUpper(v))); err != nil {
+			return Config{}, errors.New("LOG_LEVEL must be debug, info, warn or error")
+		}
+	}
+	cfg := Config{
+		DatabaseURL: getenv("DATABASE_URL"),
+		AMQPURL:     getenv("AMQP_URL"),
+		HTTPAddr:    getenv("HTTP_ADDR"),
+		Name:        getenv("CATALOG_NAME"),
+		Topology: broker.Topology{
+			EventsExchange:   getenv("EVENTS_EXCHANGE"),
+			CommandsExchange: getenv("COMMANDS_EXCHANGE"),
+		},
+		Logger: slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
+	}
+	cfg.setDefaults()
+	return cfg, cfg.Validate()
+}

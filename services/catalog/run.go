@@ -1,0 +1,143 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/statemill/statemill/events"
+	"github.com/statemill/statemill/infra/apperr"
+	"github.com/statemill/statemill/infra/pgstore"
+	"github.com/statemill/statemill/infra/projection"
+	"github.com/statemill/statemill/infra/startup"
+	"github.com/statemill/statemill/infra/web"
+	"github.com/statemill/statemill/projections/catalog"
+)
+
+// Run serves the catalog until ctx is done, then stops cleanly: no new
+// requests, the batch in flight is applied and acked.
+func Run(ctx context.Context, cfg Config) error {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	log := cfg.Logger
+
+	pool, err := pgstore.Open(ctx, pgstore.PoolConfig{URL: cfg.DatabaseURL, MaxConns: cfg.DBMaxConns})
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if err := startup.Retry(ctx, log, "migrate", func() error {
+		err := pgstore.Migrate(ctx, pool, catalog.Migrations())
+		if apperr.CodeOf(err) != apperr.Unavailable {
+			return startup.Permanent(err)
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(catalog.Collectors()...)
+
+	proj := catalog.NewProjection(log)
+	worker, err := projection.NewWorker(projection.Config{
+		Name:                cfg.Name,
+		EntityTypes:         []string{events.EntityType},
+		Projection:          proj,
+		Pool:                pool,
+		AMQPURL:             cfg.AMQPURL,
+		Topology:            cfg.Topology,
+		Schema:              catalog.Schema,
+		RebuildTimeout:      cfg.RebuildTimeout,
+		RebuildOnFirstStart: true,
+		Logger:              log,
+		Registerer:          reg,
+	})
+	if err != nil {
+		return err
+	}
+
+	httpMetrics, err := web.NewHTTPMetrics(reg)
+	if err != nil {
+		return err
+	}
+	api := &api{reader: catalog.NewReader(pool, cfg.Name), worker: worker, projection: proj}
+	router := web.NewRouter()
+	api.routes(router)
+	router.Handle("GET /healthz", web.HealthHandler(map[string]func(context.Context) error{
+		"postgres": pool.Ping,
+		"worker": func(context.Context) error {
+			select {
+			case <-worker.Ready():
+				return nil
+			default:
+				return errors.New("not consuming yet")
+			}
+		},
+	}))
+	router.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	srv := web.NewServer(cfg.HTTPAddr, web.Chain(router, web.RequestID, httpMetrics.Middleware, web.Log, web.Recover))
+
+	ln := cfg.Listener
+	if ln == nil {
+		if ln, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
+			return fmt.Errorf("listen: %w", err)
+		}
+	}
+
+	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWork()
+	g, gctx := errgroup.WithContext(workCtx)
+	g.Go(func() error { return worker.Run(gctx) })
+	if cfg.RebuildAtStart {
+		g.Go(func() error {
+			select {
+			case <-worker.Ready():
+			case <-gctx.Done():
+				return nil
+			}
+			id, err := worker.Rebuild(gctx)
+			if err != nil {
+				log.Error("rebuild at start", "err", err)
+				return nil
+			}
+			log.Info("rebuild started", "replay_id", id)
+			return nil
+		})
+	}
+	g.Go(func() error {
+		log.Info("catalog service listening", "addr", ln.Addr().String(), "worker", cfg.Name)
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("serve: %w", err)
+		}
+		return nil
+	})
+
+	select {
+	case <-ctx.Done():
+	case <-gctx.Done():
+	}
+	log.Info("catalog service stopping")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	var errs []error
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		errs = append(errs, fmt.Errorf("http shutdown: %w", err))
+	}
+	stopWork()
+	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
+		errs = append(errs, err)
+	}
+	log.Info("catalog service stopped")
+	return errors.Join(errs...)
+}
