@@ -20,9 +20,18 @@ type CreateProduct struct {
 	Name             string `json:"name"`
 	Price            int64  `json:"price"`
 	InitialInventory int64  `json:"initial_inventory"`
+	Idempotency
 }
 
 // Commands cross the command bus as JSON: every field has a JSON name.
+
+// Idempotency makes a command safe to retry: a command whose Key an earlier
+// committed command used returns that command's outcome without firing, if
+// its Fingerprint (of the request) is the same, and is refused otherwise.
+type Idempotency struct {
+	Key         string `json:"idempotency_key,omitempty"`
+	Fingerprint string `json:"request_fingerprint,omitempty"`
+}
 
 // Validate checks the fields; the name is trimmed.
 func (c *CreateProduct) Validate() error {
@@ -52,6 +61,7 @@ type AdjustInventory struct {
 	Adjust *int64 `json:"adjust_inventory"`
 	// IfVersion, when above zero, must equal the product's version (If-Match).
 	IfVersion int64 `json:"if_version,omitempty"`
+	Idempotency
 }
 
 // Validate checks the fields.
@@ -71,6 +81,7 @@ func (c *AdjustInventory) Validate() error {
 type DiscontinueProduct struct {
 	ProductID string `json:"product_id"`
 	IfVersion int64  `json:"if_version,omitempty"`
+	Idempotency
 }
 
 // Validate checks the fields.

@@ -20,7 +20,7 @@ func (h AdjustInventoryHandler) Handle(ctx context.Context, cmd *commands.Adjust
 		return nil, err
 	}
 	n := *cmd.Adjust
-	return h.repo.Update(ctx, cmd.ProductID, func(p *Product) error {
+	return h.repo.Update(ctx, cmd.ProductID, cmd.Idempotency, func(p *Product) error {
 		if err := checkVersion(p, cmd.IfVersion); err != nil {
 			return err
 		}

@@ -16,7 +16,7 @@ func (h CreateProductHandler) Handle(ctx context.Context, cmd *commands.CreatePr
 	if err := cmd.Validate(); err != nil {
 		return nil, err
 	}
-	return h.repo.Create(ctx, func() (*Product, error) {
+	return h.repo.Create(ctx, cmd.Idempotency, func() (*Product, error) {
 		t := now()
 		p := newProduct(cmd.Name, cmd.Price, t)
 		if err := p.fire(ctx, events.Create, t); err != nil {

@@ -16,7 +16,7 @@ func (h DiscontinueProductHandler) Handle(ctx context.Context, cmd *commands.Dis
 	if err := cmd.Validate(); err != nil {
 		return nil, err
 	}
-	return h.repo.Update(ctx, cmd.ProductID, func(p *Product) error {
+	return h.repo.Update(ctx, cmd.ProductID, cmd.Idempotency, func(p *Product) error {
 		if err := checkVersion(p, cmd.IfVersion); err != nil {
 			return err
 		}

@@ -2,6 +2,7 @@ package handlers
 
 import (
 	"context"
+	"encoding/json"
 	"embed"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/statemill/statemill/commands"
 	"github.com/statemill/statemill/events"
 	"github.com/statemill/statemill/infra/apperr"
 	"github.com/statemill/statemill/infra/envelope"
@@ -48,9 +50,12 @@ func scanProduct(row pgx.Row) (*Product, error) {
 }
 
 // Create saves a new product that build returns, with its transitions.
-func (r *Repository) Create(ctx context.Context, build func() (*Product, error)) (*Product, error) {
+func (r *Repository) Create(ctx context.Context, idem commands.Idempotency, build func() (*Product, error)) (*Product, error) {
 	var saved *Product
 	err := r.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
+		if done, err := recall(ctx, tx, idem, &saved); done || err != nil {
+			return err
+		}
 		p, err := build()
 		if err != nil {
 			return err
@@ -67,7 +72,7 @@ func (r *Repository) Create(ctx context.Context, build func() (*Product, error))
 			return err
 		}
 		saved = p
-		return nil
+		return remember(ctx, tx, idem, p)
 	})
 	if err != nil {
 		return nil, err
@@ -81,12 +86,15 @@ func (r *Repository) Create(ctx context.Context, build func() (*Product, error))
 // the transaction has an xid, and then on the row lock; so their xids, and
 // the relay's publishing order, follow lock order. When fn fires nothing,
 // nothing is written.
-func (r *Repository) Update(ctx context.Context, id string, fn func(p *Product) error) (*Product, error) {
+func (r *Repository) Update(ctx context.Context, id string, idem commands.Idempotency, fn func(p *Product) error) (*Product, error) {
 	if uuid.Validate(id) != nil {
 		return nil, notFound(id)
 	}
 	var saved *Product
 	err := r.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
+		if done, err := recall(ctx, tx, idem, &saved); done || err != nil {
+			return err
+		}
 		if err := tx.LockEntity(ctx, events.EntityType, id); err != nil {
 			return err
 		}
@@ -111,7 +119,7 @@ func (r *Repository) Update(ctx context.Context, id string, fn func(p *Product) 
 			}
 		}
 		saved = p
-		return nil
+		return remember(ctx, tx, idem, p)
 	})
 	if err != nil {
 		return nil, err
@@ -160,6 +168,42 @@ func (r *Repository) History(ctx context.Context, id string) ([]envelope.Event, 
 	}
 	return r.store.History(ctx, events.EntityType, id)
 }
+
+// recall looks for the outcome of an earlier command with the same
+// idempotency key; done reports that it was found and put in *saved.
+func recall(ctx context.Context, tx *pgstore.Tx, idem commands.Idempotency, saved **Product) (done bool, err error) {
+	if idem.Key == "" {
+		return false, nil
+	}
+	o, found, err := tx.Recall(ctx, idem.Key)
+	if err != nil || !found {
+		return false, err
+	}
+	if o.Fingerprint != idem.Fingerprint {
+		return true, ErrKeyReused
+	}
+	p := new(Product)
+	if err := json.Unmarshal(o.Response, p); err != nil {
+		return true, fmt.Errorf("recalled outcome: %w", err)
+	}
+	*saved = p
+	return true, nil
+}
+
+// remember records the command's outcome under its idempotency key.
+func remember(ctx context.Context, tx *pgstore.Tx, idem commands.Idempotency, p *Product) error {
+	if idem.Key == "" {
+		return nil
+	}
+	body, err := json.Marshal(p)
+	if err != nil {
+		return fmt.Errorf("outcome: %w", err)
+	}
+	return tx.Remember(ctx, idem.Key, pgstore.Outcome{Fingerprint: idem.Fingerprint, Response: body})
+}
+
+// ErrKeyReused refuses an idempotency key that an earlier, different request used.
+var ErrKeyReused = apperr.Field("Idempotency-Key", "was used for a different request")
 
 func notFound(id string) error {
 	return apperr.Errorf(apperr.NotFound, "product %q not found", id)

@@ -1,14 +1,20 @@
 package main
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/url"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/statemill/statemill/commands"
 	"github.com/statemill/statemill/handlers"
+	"github.com/statemill/statemill/infra/apperr"
 	"github.com/statemill/statemill/infra/commandbus"
 	"github.com/statemill/statemill/infra/envelope"
 	"github.com/statemill/statemill/infra/replay"
@@ -73,12 +79,24 @@ func (a *api) history(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *api) create(w http.ResponseWriter, r *http.Request) {
-	var cmd commands.CreateProduct
-	if err := web.DecodeJSON(r, w, &cmd); err != nil {
+	// The body is decoded on its own so that command fields which are not
+	// body fields (the idempotency key) cannot be set from it.
+	var body struct {
+		Name             string `json:"name"`
+		Price            int64  `json:"price"`
+		InitialInventory int64  `json:"initial_inventory"`
+	}
+	if err := web.DecodeJSON(r, w, &body); err != nil {
 		web.WriteError(w, r, err)
 		return
 	}
+	cmd := commands.CreateProduct{Name: body.Name, Price: body.Price, InitialInventory: body.InitialInventory}
 	if err := cmd.Validate(); err != nil {
+		web.WriteError(w, r, err)
+		return
+	}
+	var err error
+	if cmd.Idempotency, err = idempotency(r, body); err != nil {
 		web.WriteError(w, r, err)
 		return
 	}
@@ -106,6 +124,11 @@ func (a *api) adjust(w http.ResponseWriter, r *http.Request) {
 		web.WriteError(w, r, err)
 		return
 	}
+	var err error
+	if cmd.Idempotency, err = idempotency(r, body); err != nil {
+		web.WriteError(w, r, err)
+		return
+	}
 	version, err := ifVersion(r)
 	if err != nil {
 		web.WriteError(w, r, err)
@@ -127,6 +150,10 @@ func (a *api) discontinue(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	cmd := commands.DiscontinueProduct{ProductID: r.PathValue("id"), IfVersion: version}
+	if cmd.Idempotency, err = idempotency(r, nil); err != nil {
+		web.WriteError(w, r, err)
+		return
+	}
 	p, err := send[*handlers.Product](a, r, &cmd)
 	if err != nil {
 		web.WriteError(w, r, err)
@@ -165,6 +192,28 @@ func (a *api) getReplay(w http.ResponseWriter, r *http.Request) {
 func send[R any, C any](a *api, r *http.Request, cmd *C) (R, error) {
 	ctx := envelope.WithCorrelationID(r.Context(), web.RequestIDFrom(r.Context()))
 	return commandbus.Send[R](ctx, a.bus, cmd)
+}
+
+// IdempotencyKeyHeader makes a POST, PUT or DELETE safe to retry.
+const IdempotencyKeyHeader = "Idempotency-Key"
+
+// idempotency reads the Idempotency-Key header and fingerprints the request
+// (method, path, If-Match and the decoded body), so that a key reused for a
+// different request is refused rather than answered with another's outcome.
+func idempotency(r *http.Request, body any) (commands.Idempotency, error) {
+	key := r.Header.Get(IdempotencyKeyHeader)
+	if key == "" {
+		return commands.Idempotency{}, nil
+	}
+	if len(key) > 255 || strings.IndexFunc(key, func(c rune) bool { return c < 0x21 || c > 0x7e }) >= 0 {
+		return commands.Idempotency{}, apperr.Field(IdempotencyKeyHeader, "must be 1 to 255 visible ASCII characters")
+	}
+	b, err := json.Marshal(body)
+	if err != nil {
+		return commands.Idempotency{}, fmt.Errorf("fingerprint: %w", err)
+	}
+	sum := sha256.Sum256([]byte(r.Method + " " + r.URL.Path + "\n" + r.Header.Get("If-Match") + "\n" + string(b)))
+	return commands.Idempotency{Key: key, Fingerprint: hex.EncodeToString(sum[:])}, nil
 }
 
 // ifVersion is the version an If-Match header asks for, or 0 for none.
