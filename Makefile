@@ -45,9 +45,12 @@ bench:
 ## lint: formatting and vet only
 lint: fmt-check vet
 
-## fuzz: fuzz the state machine engine for 30 s
+## fuzz: every fuzz target for 20 s each (state machine, event decoding, command decoding)
 fuzz:
-	$(GO) test -run '^$$' -fuzz=FuzzFire -fuzztime=30s ./infra/statemachine
+	$(GO) test -run '^$$' -fuzz=FuzzFire -fuzztime=20s ./infra/statemachine
+	$(GO) test -run '^$$' -fuzz=FuzzDecode -fuzztime=20s ./infra/envelope
+	$(GO) test -run '^$$' -fuzz=FuzzCreateProduct -fuzztime=20s ./commands
+	$(GO) test -run '^$$' -fuzz=FuzzAdjustInventory -fuzztime=20s ./commands
 
 ## up: the whole system in containers
 up:
