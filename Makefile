@@ -10,14 +10,15 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/statemill?sslmode=disable
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export DATABASE_URL AMQP_URL
 
-## run: the products service (:8080) and the catalog (:8081) against local PostgreSQL and RabbitMQ; Ctrl-C stops both
+## run: the products service (:8080), the catalog (:8081) and the live page (:8082) against local PostgreSQL and RabbitMQ; Ctrl-C stops them
 run:
 	@psql "$(subst /statemill?,/postgres?,$(DATABASE_URL))" -Atqc "SELECT 1 FROM pg_database WHERE datname = 'statemill'" | grep -q 1 || \
 		psql "$(subst /statemill?,/postgres?,$(DATABASE_URL))" -qc "CREATE DATABASE statemill"
-	$(GO) build -o bin/ ./services/products ./services/catalog
+	$(GO) build -o bin/ ./services/products ./services/catalog ./services/ui
 	@trap 'kill 0' INT TERM EXIT; \
 		HTTP_ADDR=:8080 bin/products & \
 		HTTP_ADDR=:8081 bin/catalog & \
+		HTTP_ADDR=:8082 bin/ui & \
 		wait
 
 ## test: formatting, vet, tidy go.mod, then every test with the race detector

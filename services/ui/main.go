@@ -1,0 +1,28 @@
+// Command ui is the live web UI: a page that shows every product and each
+// change as it happens, over an in-memory read model that a latest replay
+// fills at start (and after every broker reconnect).
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cfg, err := configFromEnv(os.Getenv)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "ui:", err)
+		os.Exit(2)
+	}
+	slog.SetDefault(cfg.Logger)
+	if err := Run(ctx, cfg); err != nil {
+		slog.Error("ui stopped", "err", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,182 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/statemill/statemill/events"
+	"github.com/statemill/statemill/infra/apperr"
+	"github.com/statemill/statemill/infra/projection"
+	"github.com/statemill/statemill/infra/web"
+	"github.com/statemill/statemill/projections/liveview"
+)
+
+// Run serves the ui until ctx is done, then stops cleanly: event streams
+// end (browsers reconnect to another instance or when this one is back),
+// requests in flight finish, the queue is left to expire.
+func Run(ctx context.Context, cfg Config) error {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if cfg.Prefix == "" {
+		p, err := projection.InstancePrefix("ui")
+		if err != nil {
+			return err
+		}
+		cfg.Prefix = p
+	}
+	log := cfg.Logger.With("instance", cfg.Prefix)
+	products, err := url.Parse(strings.TrimRight(cfg.ProductsURL, "/"))
+	if err != nil {
+		return fmt.Errorf("PRODUCTS_URL: %w", err)
+	}
+
+	model, err := liveview.New(liveview.Config{History: cfg.History, Logger: log})
+	if err != nil {
+		return err
+	}
+	view, err := projection.NewView(projection.ViewConfig{
+		Prefix:        cfg.Prefix,
+		EntityTypes:   []string{events.EntityType},
+		Projection:    model,
+		AMQPURL:       cfg.AMQPURL,
+		Topology:      cfg.Topology,
+		QueueExpires:  cfg.QueueExpires,
+		ReplayTimeout: cfg.ReplayTimeout,
+		// The page shows whether its data is live: the model carries the
+		// view's state to every stream.
+		OnStatus: func(st projection.ViewStatus) {
+			model.SetStatus(liveview.Status{Connected: st.Connected, Replaying: st.Replaying})
+		},
+		Logger: log,
+	})
+	if err != nil {
+		return fmt.Errorf("view: %w%s", err, fieldsText(err))
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(viewCollectors(model, view)...)
+	httpMetrics, err := web.NewHTTPMetrics(reg)
+	if err != nil {
+		return err
+	}
+
+	a, err := newAPI(model, products, cfg)
+	if err != nil {
+		return err
+	}
+	router := web.NewRouter()
+	a.routes(router)
+	router.Handle("GET /healthz", web.HealthHandler(map[string]func(context.Context) error{
+		"broker": func(context.Context) error {
+			if !view.Status().Connected {
+				return errors.New("not consuming")
+			}
+			return nil
+		},
+		// Until the latest replay is complete the page would be missing
+		// products.
+		"model": func(context.Context) error {
+			if st := view.Status(); st.Replaying {
+				return fmt.Errorf("replaying: %d of %d events", st.Received, st.Expected)
+			}
+			return nil
+		},
+	}))
+	router.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	srv := web.NewServer(cfg.HTTPAddr, web.Chain(router, web.RequestID, httpMetrics.Middleware, web.Log, web.Recover, securityHeaders))
+	// Shutdown waits for handlers to return, and an event stream never does
+	// on its own: end them as the shutdown begins.
+	srv.RegisterOnShutdown(a.stopStreams)
+
+	ln := cfg.Listener
+	if ln == nil {
+		if ln, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
+			return fmt.Errorf("listen: %w", err)
+		}
+	}
+
+	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWork()
+	g, gctx := errgroup.WithContext(workCtx)
+	g.Go(func() error { return view.Run(gctx) })
+	g.Go(func() error {
+		log.Info("ui service listening", "addr", ln.Addr().String(), "queue", view.Queue(), "products_url", products.String())
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("serve: %w", err)
+		}
+		return nil
+	})
+
+	select {
+	case <-ctx.Done():
+	case <-gctx.Done():
+	}
+	log.Info("ui service stopping")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	var errs []error
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		errs = append(errs, fmt.Errorf("http shutdown: %w", err))
+	}
+	stopWork()
+	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
+		errs = append(errs, err)
+	}
+	log.Info("ui service stopped")
+	return errors.Join(errs...)
+}
+
+// fieldsText spells out the per-field messages of an apperr error, which
+// its Error() leaves out, for a start-up failure to say what is wrong.
+func fieldsText(err error) string {
+	ae := apperr.As(err)
+	if ae == nil || len(ae.Fields) == 0 {
+		return ""
+	}
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(ae.Fields)) {
+		parts = append(parts, k+": "+ae.Fields[k])
+	}
+	return " (" + strings.Join(parts, "; ") + ")"
+}
+
+// viewCollectors export the view's and the model's state.
+func viewCollectors(model *liveview.Model, view *projection.View) []prometheus.Collector {
+	b2f := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	gauge := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "statemill", Subsystem: "ui", Name: name, Help: help}, f)
+	}
+	counter := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "statemill", Subsystem: "ui", Name: name, Help: help}, f)
+	}
+	return []prometheus.Collector{
+		gauge("products", "Products in the live model.", func() float64 { return float64(model.Len()) }),
+		gauge("streams", "Open event streams (browsers watching).", func() float64 { return float64(model.Watchers()) }),
+		gauge("connected", "1 while the view consumes its queue.", func() float64 { return b2f(view.Status().Connected) }),
+		gauge("replaying", "1 while a latest replay refills the model.", func() float64 { return b2f(view.Status().Replaying) }),
+		counter("events_applied_total", "Events handed to the live model (live and replayed).", func() float64 { return float64(view.Status().Applied) }),
+		counter("messages_dropped_total", "Messages dropped: undecodable, or of a replay that is not current.", func() float64 { return float64(view.Status().Dropped) }),
+		counter("replays_total", "Latest replays completed.", func() float64 { return float64(view.Status().Replays) }),
+		counter("reconnects_total", "Broker sessions after the first.", func() float64 { return float64(view.Status().Reconnects) }),
+	}
+}
