@@ -3,6 +3,11 @@
 // with publisher confirms, then marked done; published rows are pruned after
 // a retention period so the table does not grow forever.
 //
+// Two relays read the same tables and offsets row: ForwarderRelay, Watermill's
+// forwarder over watermill-sql, and PipelinedRelay, which publishes a whole
+// batch with pipelined confirms before it acknowledges it, and sleeps on
+// LISTEN/NOTIFY when idle.
+//
 // Delivery is at least once: a crash between the broker's confirm
 // and the offset update publishes a row again, which version-checked
 // consumers absorb.
@@ -50,7 +55,7 @@ type Config struct {
 
 func (c *Config) setDefaults() {
 	if c.ConsumerGroup == "" {
-		c.ConsumerGroup = "relay"
+		c.ConsumerGroup = defaultConsumerGroup
 	}
 	if c.PollInterval == 0 {
 		c.PollInterval = 10 * time.Millisecond
@@ -62,10 +67,10 @@ func (c *Config) setDefaults() {
 		c.AckDeadline = 5 * time.Second
 	}
 	if c.Retention == 0 {
-		c.Retention = time.Hour
+		c.Retention = defaultRetention
 	}
 	if c.PruneInterval == 0 {
-		c.PruneInterval = time.Minute
+		c.PruneInterval = defaultPruneInterval
 	}
 	if c.Logger == nil {
 		c.Logger = watermill.NopLogger{}
@@ -90,8 +95,9 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// Relay moves committed outbox rows to the broker. ForwarderRelay is the
-// PostgreSQL implementation.
+// Relay moves committed outbox rows to the broker. ForwarderRelay and
+// PipelinedRelay are the PostgreSQL implementations; they read the same
+// tables and offsets row, so a deployment can switch between them.
 type Relay interface {
 	// Run relays until ctx is done or Close is called.
 	Run(ctx context.Context) error
@@ -107,9 +113,8 @@ var _ Relay = (*ForwarderRelay)(nil)
 // ForwarderRelay is Watermill's forwarder over watermill-sql's PostgreSQL
 // subscriber.
 type ForwarderRelay struct {
-	config  Config
-	table   string
-	offsets string
+	config Config
+	tables outboxTable
 
 	running     chan struct{} // closed once a forwarder first runs
 	runningOnce sync.Once
@@ -125,8 +130,7 @@ func NewForwarderRelay(c Config) (*ForwarderRelay, error) {
 	}
 	r := &ForwarderRelay{
 		config:  c,
-		table:   wsql.DefaultPostgreSQLSchema{}.MessagesTable(c.Topic),
-		offsets: wsql.DefaultPostgreSQLOffsetsAdapter{}.MessagesOffsetsTable(c.Topic),
+		tables:  newOutboxTable(c.Pool, c.Topic, c.ConsumerGroup, c.Retention, c.PruneInterval, c.Logger),
 		running: make(chan struct{}),
 		closed:  make(chan struct{}),
 	}
@@ -180,7 +184,7 @@ func (r *ForwarderRelay) Run(ctx context.Context) error {
 	pruned := make(chan struct{})
 	go func() {
 		defer close(pruned)
-		r.pruneLoop(ctx)
+		r.tables.pruneLoop(ctx)
 	}()
 	defer func() { <-pruned }()
 	wait := 200 * time.Millisecond
@@ -222,77 +226,12 @@ func (r *ForwarderRelay) Close() error {
 }
 
 // Pending counts rows not yet published.
-func (r *ForwarderRelay) Pending(ctx context.Context) (int64, error) {
-	var n int64
-	err := r.config.Pool.QueryRow(ctx, `
-		SELECT count(*) FROM `+r.table+` o
-		LEFT JOIN `+r.offsets+` f ON f.consumer_group = $1
-		WHERE f.consumer_group IS NULL
-		   OR (o.transaction_id, o."offset") > (f.last_processed_transaction_id, f.offset_acked)`,
-		r.config.ConsumerGroup).Scan(&n)
-	if err != nil {
-		return 0, fmt.Errorf("outbox: pending: %w", err)
-	}
-	return n, nil
-}
+func (r *ForwarderRelay) Pending(ctx context.Context) (int64, error) { return r.tables.pending(ctx) }
 
 // Flush waits until every row committed so far is published, or ctx ends.
 func (r *ForwarderRelay) Flush(ctx context.Context) error {
-	tick := time.NewTicker(r.config.PollInterval + 10*time.Millisecond)
-	defer tick.Stop()
-	for {
-		n, err := r.Pending(ctx)
-		if err == nil && n == 0 {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			if err == nil {
-				err = fmt.Errorf("outbox: %d rows still pending", n)
-			}
-			return fmt.Errorf("outbox: flush: %w", errors.Join(ctx.Err(), err))
-		case <-tick.C:
-		}
-	}
+	return r.tables.flush(ctx, r.config.PollInterval+10*time.Millisecond, nil)
 }
 
-func (r *ForwarderRelay) pruneLoop(ctx context.Context) {
-	t := time.NewTicker(r.config.PruneInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if n, err := r.Prune(ctx); err != nil && ctx.Err() == nil {
-				r.config.Logger.Error("outbox prune failed", err, nil)
-			} else if n > 0 {
-				r.config.Logger.Debug("outbox pruned", watermill.LogFields{"rows": n})
-			}
-		}
-	}
-}
-
-// Prune deletes published rows older than the retention, in chunks. A row
-// is published for certain when its xid is below the last processed xid of
-// every relay: rows are read in (xid, offset) order and only once every
-// transaction with a smaller xid has ended. (Comparing offsets would not do:
-// a later offset can belong to a smaller xid that committed earlier.)
-func (r *ForwarderRelay) Prune(ctx context.Context) (int64, error) {
-	var total int64
-	for {
-		tag, err := r.config.Pool.Exec(ctx, `
-			DELETE FROM `+r.table+` WHERE ctid IN (
-				SELECT ctid FROM `+r.table+`
-				WHERE transaction_id < (SELECT min(last_processed_transaction_id) FROM `+r.offsets+`)
-				  AND created_at < (now() - make_interval(secs => $1))::timestamp
-				LIMIT 5000)`, r.config.Retention.Seconds())
-		if err != nil {
-			return total, fmt.Errorf("outbox: prune: %w", err)
-		}
-		total += tag.RowsAffected()
-		if tag.RowsAffected() < 5000 {
-			return total, nil
-		}
-	}
-}
+// Prune deletes published rows older than the retention (see outboxTable.prune).
+func (r *ForwarderRelay) Prune(ctx context.Context) (int64, error) { return r.tables.prune(ctx) }

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
-	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 	amqp091 "github.com/rabbitmq/amqp091-go"
@@ -27,26 +26,152 @@ import (
 // deliveryWait bounds how long a test waits for one delivery.
 const deliveryWait = 15 * time.Second
 
-// eventually polls cond until it holds or timeout passes.
-func eventually(t *testing.T, timeout time.Duration, cond func() bool) bool {
+// eventually polls cond every 10ms until it holds or timeout passes.
+func eventually(t testing.TB, timeout time.Duration, cond func() bool) bool {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		if cond() {
-			return true
+	deadline := time.After(timeout)
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-deadline:
+			return cond()
+		case <-tick.C:
 		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
+	return true
 }
 
-func testCtx(t *testing.T) context.Context {
+func testCtx(t testing.TB) context.Context {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// testRelay is what the shared scenarios drive: either relay.
+type testRelay interface {
+	outbox.Relay
+	Running() <-chan struct{}
+	Prune(ctx context.Context) (int64, error)
+}
+
+// relayOptions are the settings the scenarios choose, whichever relay runs.
+type relayOptions struct {
+	Retention     time.Duration
+	PruneInterval time.Duration
+	// Pipelined adjusts a PipelinedRelay's config (ignored by the forwarder).
+	Pipelined func(*outbox.PipelinedConfig)
+}
+
+// target is where a relay reads and publishes.
+type target struct {
+	pool     *pgxpool.Pool
+	amqpURL  string // what the relay dials: the broker, or a proxy in front of it
+	exchange string
+}
+
+// relayKind is one Relay implementation, in the manner of Watermill's
+// shared pub/sub test suite: every scenario runs against each kind.
+type relayKind struct {
+	name  string
+	build func(t testing.TB, tg target, o relayOptions) testRelay
+	// polled returns once r has looked at the outbox at least once after
+	// the call began.
+	polled func(t testing.TB, e *env, r testRelay)
+}
+
+var relayKinds = []relayKind{
+	{
+		name: "forwarder",
+		build: func(t testing.TB, tg target, o relayOptions) testRelay {
+			t.Helper()
+			conn, err := broker.Connect(tg.amqpURL, watermill.NopLogger{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = conn.Close() })
+			pub, err := broker.NewPublisher(conn, broker.PublisherConfig{Exchange: tg.exchange}, watermill.NopLogger{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = pub.Close() })
+			r, err := outbox.NewForwarderRelay(outbox.Config{
+				Pool: tg.pool, Publisher: pub, Topic: pgstore.OutboxTopic,
+				Retention: o.Retention, PruneInterval: o.PruneInterval,
+			})
+			if err != nil {
+				t.Fatalf("NewForwarderRelay: %v", err)
+			}
+			return r
+		},
+		// Each poll locks the offsets row (SELECT ... FOR UPDATE in its own
+		// transaction), which changes the row's xmax.
+		polled: func(t testing.TB, e *env, _ testRelay) {
+			t.Helper()
+			ctx := testCtx(t)
+			xmax := func() string {
+				var x string
+				if err := e.store.Pool().QueryRow(ctx, `SELECT xmax::text FROM watermill_offsets_outbox WHERE consumer_group = 'relay'`).Scan(&x); err != nil {
+					t.Fatalf("offsets row: %v", err)
+				}
+				return x
+			}
+			for range 2 { // the first change may be a poll already under way
+				before := xmax()
+				if !eventually(t, deliveryWait, func() bool { return xmax() != before }) {
+					t.Fatal("the relay does not poll")
+				}
+			}
+		},
+	},
+	{
+		name: "pipelined",
+		build: func(t testing.TB, tg target, o relayOptions) testRelay {
+			t.Helper()
+			c := outbox.PipelinedConfig{
+				Pool: tg.pool, AMQPURL: tg.amqpURL, Exchange: tg.exchange, Topic: pgstore.OutboxTopic,
+				Retention: o.Retention, PruneInterval: o.PruneInterval,
+			}
+			if o.Pipelined != nil {
+				o.Pipelined(&c)
+			}
+			r, err := outbox.NewPipelinedRelay(c)
+			if err != nil {
+				t.Fatalf("NewPipelinedRelay: %v", err)
+			}
+			return r
+		},
+		// An idle PipelinedRelay looks without locking anything; it counts
+		// its looks instead.
+		polled: func(t testing.TB, _ *env, r testRelay) {
+			t.Helper()
+			p := r.(*outbox.PipelinedRelay)
+			before := p.Stats().Polls
+			if !eventually(t, deliveryWait, func() bool { return p.Stats().Polls >= before+2 }) {
+				t.Fatal("the relay does not poll")
+			}
+		},
+	},
+}
+
+func kind(name string) relayKind {
+	for _, k := range relayKinds {
+		if k.name == name {
+			return k
+		}
+	}
+	panic("no relay kind " + name)
+}
+
+// forEachRelay runs scenario once per relay kind, in parallel subtests.
+func forEachRelay(t *testing.T, scenario func(t *testing.T, k relayKind)) {
+	for _, k := range relayKinds {
+		t.Run(k.name, func(t *testing.T) {
+			t.Parallel()
+			scenario(t, k)
+		})
+	}
 }
 
 // received is a delivery and when it arrived.
@@ -55,15 +180,25 @@ type received struct {
 	at time.Time
 }
 
-type harness struct {
+// env is one test's database (framework schema and a "widgets" table) and
+// broker namespace, with a consumer queue bound to widget.#.
+type env struct {
+	dbURL      string
 	store      *pgstore.Store
-	relay      *outbox.ForwarderRelay
 	relayPool  *pgxpool.Pool
+	amqpURL    string
 	topo       broker.Topology
 	deliveries chan received
 }
 
-func openPool(t *testing.T, url string, maxConns int32) *pgxpool.Pool {
+// harness is an env with one running relay.
+type harness struct {
+	*env
+	kind  relayKind
+	relay testRelay
+}
+
+func openPool(t testing.TB, url string, maxConns int32) *pgxpool.Pool {
 	t.Helper()
 	pool, err := pgstore.Open(testCtx(t), pgstore.PoolConfig{URL: url, MaxConns: maxConns})
 	if err != nil {
@@ -73,15 +208,11 @@ func openPool(t *testing.T, url string, maxConns int32) *pgxpool.Pool {
 	return pool
 }
 
-// setup gives t a fresh database (framework schema and a "widgets" table), a
-// namespaced topology with a consumer queue bound to widget.#, and a running
-// relay configured by c (Pool, Publisher and Topic are filled in).
-func setup(t *testing.T, c outbox.Config) *harness {
+func newEnv(t testing.TB, durableQueue bool) *env {
 	t.Helper()
 	ctx := testCtx(t)
 	dbURL := sandbox.Postgres(t)
-	storePool := openPool(t, dbURL, 3)
-	relayPool := openPool(t, dbURL, 3)
+	storePool := openPool(t, dbURL, 4)
 	if err := pgstore.Migrate(ctx, storePool, pgstore.Framework()); err != nil {
 		t.Fatalf("Migrate: %v", err)
 	}
@@ -106,7 +237,7 @@ func setup(t *testing.T, c outbox.Config) *harness {
 	if err := broker.DeclareShared(ch, topo); err != nil {
 		t.Fatalf("DeclareShared: %v", err)
 	}
-	if _, err := ch.QueueDeclare(queue, false, false, false, false, nil); err != nil {
+	if _, err := ch.QueueDeclare(queue, durableQueue, false, false, false, nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := ch.QueueBind(queue, envelope.LiveBinding("widget"), topo.EventsExchange, false, nil); err != nil {
@@ -116,58 +247,73 @@ func setup(t *testing.T, c outbox.Config) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{
+	e := &env{
+		dbURL:      dbURL,
 		store:      pgstore.New(storePool, nil),
-		relayPool:  relayPool,
+		relayPool:  openPool(t, dbURL, 3),
+		amqpURL:    amqpURL,
 		topo:       topo,
-		deliveries: make(chan received, 1000),
+		deliveries: make(chan received, 1<<15),
 	}
 	go func() {
 		for d := range msgs {
-			h.deliveries <- received{d: d, at: time.Now()}
+			e.deliveries <- received{d: d, at: time.Now()}
 		}
 	}()
+	return e
+}
 
-	pubConn, err := broker.Connect(amqpURL, watermill.NopLogger{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pubConn.Close() })
-	pub, err := broker.NewPublisher(pubConn, broker.PublisherConfig{Exchange: topo.EventsExchange}, watermill.NopLogger{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pub.Close() })
+func (e *env) target() target {
+	return target{pool: e.relayPool, amqpURL: e.amqpURL, exchange: e.topo.EventsExchange}
+}
 
-	c.Pool, c.Publisher, c.Topic = relayPool, pub, pgstore.OutboxTopic
-	relay, err := outbox.NewForwarderRelay(c)
-	if err != nil {
-		t.Fatalf("NewWithConfig: %v", err)
-	}
-	h.relay = relay
+// setup gives t a fresh env and a running relay of kind k.
+func setup(t *testing.T, k relayKind, o relayOptions) *harness {
+	t.Helper()
+	e := newEnv(t, false)
+	r := k.build(t, e.target(), o)
+	runRelay(t, r)
+	return &harness{env: e, kind: k, relay: r}
+}
+
+// startRelay runs r until t ends or the returned stop is called. stop
+// fails t if Run returns an error or does not return in time.
+func startRelay(t testing.TB, r testRelay) (stop func(), runErr <-chan error) {
+	t.Helper()
 	runCtx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- relay.Run(runCtx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-runErr:
-			if err != nil {
-				t.Errorf("relay Run: %v", err)
+	errc := make(chan error, 1)
+	go func() { errc <- r.Run(runCtx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-errc:
+				if err != nil {
+					t.Errorf("relay Run: %v", err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Error("relay Run did not return after cancel")
 			}
-		case <-time.After(20 * time.Second):
-			t.Error("relay Run did not return after cancel")
-		}
-		_ = relay.Close()
-	})
+			_ = r.Close()
+		})
+	}
+	t.Cleanup(stop)
+	return stop, errc
+}
+
+// runRelay starts r and waits for it to be running.
+func runRelay(t testing.TB, r testRelay) (stop func()) {
+	t.Helper()
+	stop, runErr := startRelay(t, r)
 	select {
-	case <-relay.Running():
+	case <-r.Running():
 	case err := <-runErr:
 		t.Fatalf("relay stopped at start: %v", err)
 	case <-time.After(deliveryWait):
 		t.Fatal("relay did not start")
 	}
-	return h
+	return stop
 }
 
 func widgetEvent(entityID string, version int64, event, from, to string) *envelope.Event {
@@ -186,10 +332,10 @@ func widgetEvent(entityID string, version int64, event, from, to string) *envelo
 	}
 }
 
-func (h *harness) newWidget(t *testing.T) string {
+func (e *env) newWidget(t testing.TB) string {
 	t.Helper()
 	id := uuid.NewString()
-	if _, err := h.store.Pool().Exec(testCtx(t), `INSERT INTO widgets (id, state, version) VALUES ($1, 'initialized', 0)`, id); err != nil {
+	if _, err := e.store.Pool().Exec(testCtx(t), `INSERT INTO widgets (id, state, version) VALUES ($1, 'initialized', 0)`, id); err != nil {
 		t.Fatal(err)
 	}
 	return id
@@ -227,10 +373,10 @@ func fire(ctx context.Context, tx *pgstore.Tx, id string, n int) ([]*envelope.Ev
 	return events, tx.Append(ctx, events...)
 }
 
-func (h *harness) commit(t *testing.T, id string, n int) []*envelope.Event {
+func (e *env) commit(t testing.TB, id string, n int) []*envelope.Event {
 	t.Helper()
 	var events []*envelope.Event
-	err := h.store.InTx(testCtx(t), func(ctx context.Context, tx *pgstore.Tx) error {
+	err := e.store.InTx(testCtx(t), func(ctx context.Context, tx *pgstore.Tx) error {
 		var err error
 		events, err = fire(ctx, tx, id, n)
 		return err
@@ -241,16 +387,61 @@ func (h *harness) commit(t *testing.T, id string, n int) []*envelope.Event {
 	return events
 }
 
+// fill commits n events as fast as it can: writers goroutines, each on its
+// own widget, perTx transitions per transaction. It returns the event ids.
+func (e *env) fill(t testing.TB, n, writers, perTx int) map[string]bool {
+	t.Helper()
+	ctx := testCtx(t)
+	var mu sync.Mutex
+	ids := make(map[string]bool, n)
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for w := range writers {
+		id := e.newWidget(t)
+		share := n / writers
+		if w < n%writers {
+			share++
+		}
+		wg.Go(func() {
+			for share > 0 {
+				k := min(perTx, share)
+				var events []*envelope.Event
+				err := e.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
+					var err error
+					events, err = fire(ctx, tx, id, k)
+					return err
+				})
+				if err != nil {
+					errs <- err
+					return
+				}
+				mu.Lock()
+				for _, ev := range events {
+					ids[ev.ID] = true
+				}
+				mu.Unlock()
+				share -= k
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("fill: %v", err)
+	}
+	return ids
+}
+
 // holdOpen appends one transition to widget id in a transaction that stays
 // open until the returned commit function is called.
-func (h *harness) holdOpen(t *testing.T, id string) (*envelope.Event, func()) {
+func (e *env) holdOpen(t *testing.T, id string) (*envelope.Event, func()) {
 	t.Helper()
 	appended := make(chan *envelope.Event, 1)
 	release := make(chan struct{})
 	done := make(chan error, 1)
 	ctx := testCtx(t)
 	go func() {
-		done <- h.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
+		done <- e.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
 			events, err := fire(ctx, tx, id, 1)
 			if err != nil {
 				return err
@@ -264,9 +455,9 @@ func (h *harness) holdOpen(t *testing.T, id string) (*envelope.Event, func()) {
 			}
 		})
 	}()
-	var e *envelope.Event
+	var ev *envelope.Event
 	select {
-	case e = <-appended:
+	case ev = <-appended:
 	case err := <-done:
 		t.Fatalf("held transaction failed: %v", err)
 	case <-time.After(deliveryWait):
@@ -289,42 +480,22 @@ func (h *harness) holdOpen(t *testing.T, id string) (*envelope.Event, func()) {
 	t.Cleanup(func() {
 		once.Do(func() { close(release) })
 	})
-	return e, commit
+	return ev, commit
 }
 
-// relayPolled waits until the relay has started and finished at least one
-// poll after this call: each poll locks the offsets row (SELECT ... FOR
-// UPDATE in its own transaction), which changes the row's xmax.
+// relayPolled waits until the relay has looked at the outbox after this call.
 func (h *harness) relayPolled(t *testing.T) {
 	t.Helper()
-	ctx := testCtx(t)
-	xmax := func() string {
-		var x string
-		if err := h.store.Pool().QueryRow(ctx, `SELECT xmax::text FROM watermill_offsets_outbox WHERE consumer_group = 'relay'`).Scan(&x); err != nil {
-			t.Fatalf("offsets row: %v", err)
-		}
-		return x
-	}
-	for range 2 {
-		before := xmax()
-		if !eventually(t, deliveryWait, func() bool { return xmax() != before }) {
-			t.Fatal("the relay does not poll")
-		}
-	}
+	h.kind.polled(t, h.env, h.relay)
 }
 
-type nopPublisher struct{}
-
-func (nopPublisher) Publish(string, ...*message.Message) error { return nil }
-func (nopPublisher) Close() error                              { return nil }
-
 // collect waits for n deliveries.
-func (h *harness) collect(t *testing.T, n int) []received {
+func (e *env) collect(t testing.TB, n int) []received {
 	t.Helper()
 	var got []received
 	for len(got) < n {
 		select {
-		case r := <-h.deliveries:
+		case r := <-e.deliveries:
 			got = append(got, r)
 		case <-time.After(deliveryWait):
 			t.Fatalf("received %d of %d events", len(got), n)
@@ -333,31 +504,58 @@ func (h *harness) collect(t *testing.T, n int) []received {
 	return got
 }
 
+// collectAll waits until every id in want was delivered at least once and
+// returns how often each arrived (duplicates allowed), failing with the
+// missing count after timeout.
+func (e *env) collectAll(t testing.TB, want map[string]bool, timeout time.Duration) map[string]int {
+	t.Helper()
+	seen := make(map[string]int, len(want))
+	deadline := time.After(timeout)
+	for missing := len(want); missing > 0; {
+		select {
+		case r := <-e.deliveries:
+			id := r.d.MessageId
+			if !want[id] {
+				t.Fatalf("delivered message %q is not an appended event", id)
+			}
+			if seen[id] == 0 {
+				missing--
+			}
+			seen[id]++
+		case <-deadline:
+			t.Fatalf("after %v, %d of %d events never arrived", timeout, missing, len(want))
+		}
+	}
+	return seen
+}
+
 // noMore asserts nothing else arrives for a short while (no duplicates).
-func (h *harness) noMore(t *testing.T) {
+func (e *env) noMore(t testing.TB) {
 	t.Helper()
 	select {
-	case r := <-h.deliveries:
+	case r := <-e.deliveries:
 		t.Fatalf("unexpected extra delivery %s %s", r.d.RoutingKey, r.d.MessageId)
 	case <-time.After(300 * time.Millisecond):
 	}
 }
 
-func (h *harness) flush(t *testing.T) {
+func flush(t testing.TB, r outbox.Relay) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), deliveryWait)
 	defer cancel()
-	if err := h.relay.Flush(ctx); err != nil {
+	if err := r.Flush(ctx); err != nil {
 		t.Fatalf("Flush: %v", err)
 	}
-	n, err := h.relay.Pending(ctx)
+	n, err := r.Pending(ctx)
 	if err != nil || n != 0 {
 		t.Fatalf("Pending after Flush = %d, %v; want 0", n, err)
 	}
 }
 
+func (h *harness) flush(t *testing.T) { t.Helper(); flush(t, h.relay) }
+
 // checkDelivery asserts d is e on the wire as DESIGN §5 fixes it.
-func checkDelivery(t *testing.T, d amqp091.Delivery, e *envelope.Event, exchange string) {
+func checkDelivery(t testing.TB, d amqp091.Delivery, e *envelope.Event, exchange string) {
 	t.Helper()
 	if d.DeliveryMode != 2 {
 		t.Errorf("%s: delivery_mode = %d, want 2", e.ID, d.DeliveryMode)
@@ -368,6 +566,9 @@ func checkDelivery(t *testing.T, d amqp091.Delivery, e *envelope.Event, exchange
 	if d.MessageId != e.ID {
 		t.Errorf("message_id = %q, want %q", d.MessageId, e.ID)
 	}
+	if d.CorrelationId != e.CorrelationID {
+		t.Errorf("%s: correlation_id property = %q, want %q", e.ID, d.CorrelationId, e.CorrelationID)
+	}
 	if d.Exchange != exchange || d.RoutingKey != "widget."+e.Event {
 		t.Errorf("%s: exchange %q routing key %q, want %q %q", e.ID, d.Exchange, d.RoutingKey, exchange, "widget."+e.Event)
 	}
@@ -376,6 +577,9 @@ func checkDelivery(t *testing.T, d amqp091.Delivery, e *envelope.Event, exchange
 	}
 	if got, _ := d.Headers[envelope.HeaderSchemaVersion].(string); got != "1" {
 		t.Errorf("%s: schema_version header = %#v, want \"1\"", e.ID, d.Headers[envelope.HeaderSchemaVersion])
+	}
+	if got, _ := d.Headers["_watermill_message_uuid"].(string); got != e.ID {
+		t.Errorf("%s: _watermill_message_uuid header = %#v, want the event id", e.ID, d.Headers["_watermill_message_uuid"])
 	}
 	got, err := envelope.Decode(d.Body)
 	if err != nil {
@@ -407,308 +611,336 @@ func checkDelivery(t *testing.T, d amqp091.Delivery, e *envelope.Event, exchange
 
 func TestRelayDeliversEveryEventWithWireProperties(t *testing.T) {
 	t.Parallel()
-	h := setup(t, outbox.Config{})
-	a, b := h.newWidget(t), h.newWidget(t)
+	forEachRelay(t, func(t *testing.T, k relayKind) {
+		h := setup(t, k, relayOptions{})
+		a, b := h.newWidget(t), h.newWidget(t)
 
-	// Many concurrent commands on two widgets: each serialises on its row
-	// lock, so its versions must reach the consumer in order.
-	const workers, perWorker = 4, 5
-	var mu sync.Mutex
-	byID := map[string]*envelope.Event{}
-	ctx := testCtx(t)
-	var wg sync.WaitGroup
-	errs := make(chan error, 2*workers*perWorker)
-	for w := range 2 * workers {
-		id := a
-		if w%2 == 1 {
-			id = b
-		}
-		wg.Go(func() {
-			for i := range perWorker {
-				n := 1 + (w+i)%2 // some commands make two transitions in one transaction
-				var events []*envelope.Event
-				err := h.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
-					var err error
-					events, err = fire(ctx, tx, id, n)
-					return err
-				})
-				if err != nil {
-					errs <- err
-					return
-				}
-				mu.Lock()
-				for _, e := range events {
-					byID[e.ID] = e
-				}
-				mu.Unlock()
+		// Many concurrent commands on two widgets: each serialises on its
+		// row lock, so its versions must reach the consumer in order.
+		const workers, perWorker = 4, 5
+		var mu sync.Mutex
+		byID := map[string]*envelope.Event{}
+		ctx := testCtx(t)
+		var wg sync.WaitGroup
+		errs := make(chan error, 2*workers*perWorker)
+		for w := range 2 * workers {
+			id := a
+			if w%2 == 1 {
+				id = b
 			}
-		})
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatalf("command: %v", err)
-	}
+			wg.Go(func() {
+				for i := range perWorker {
+					n := 1 + (w+i)%2 // some commands make two transitions in one transaction
+					var events []*envelope.Event
+					err := h.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
+						var err error
+						events, err = fire(ctx, tx, id, n)
+						return err
+					})
+					if err != nil {
+						errs <- err
+						return
+					}
+					mu.Lock()
+					for _, e := range events {
+						byID[e.ID] = e
+					}
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatalf("command: %v", err)
+		}
 
-	got := h.collect(t, len(byID))
-	h.flush(t)
-	h.noMore(t)
+		got := h.collect(t, len(byID))
+		h.flush(t)
+		h.noMore(t)
 
-	seen := map[string]bool{}
-	lastVersion := map[string]int64{}
-	for _, r := range got {
-		e, ok := byID[r.d.MessageId]
-		if !ok {
-			t.Fatalf("delivered message %q is not an appended event", r.d.MessageId)
+		seen := map[string]bool{}
+		lastVersion := map[string]int64{}
+		for _, r := range got {
+			e, ok := byID[r.d.MessageId]
+			if !ok {
+				t.Fatalf("delivered message %q is not an appended event", r.d.MessageId)
+			}
+			if seen[e.ID] {
+				t.Fatalf("event %s delivered twice", e.ID)
+			}
+			seen[e.ID] = true
+			checkDelivery(t, r.d, e, h.topo.EventsExchange)
+			if e.Version != lastVersion[e.EntityID]+1 {
+				h.dumpOrder(t, got)
+				t.Fatalf("widget %s: version %d arrived after %d: per-entity order broken", e.EntityID, e.Version, lastVersion[e.EntityID])
+			}
+			lastVersion[e.EntityID] = e.Version
 		}
-		if seen[e.ID] {
-			t.Fatalf("event %s delivered twice", e.ID)
+		if len(seen) != len(byID) {
+			t.Fatalf("delivered %d distinct events, want %d", len(seen), len(byID))
 		}
-		seen[e.ID] = true
-		checkDelivery(t, r.d, e, h.topo.EventsExchange)
-		if e.Version != lastVersion[e.EntityID]+1 {
-			h.dumpOrder(t, got)
-			t.Fatalf("widget %s: version %d arrived after %d: per-entity order broken", e.EntityID, e.Version, lastVersion[e.EntityID])
-		}
-		lastVersion[e.EntityID] = e.Version
-	}
-	if len(seen) != len(byID) {
-		t.Fatalf("delivered %d distinct events, want %d", len(seen), len(byID))
-	}
+	})
 }
 
+// Not parallel with the other tests: their held transactions hold back
+// pg_snapshot_xmin for the whole cluster, and with it every relay.
 func TestRelayIdleLatency(t *testing.T) {
-	t.Parallel()
-	h := setup(t, outbox.Config{})
-	id := h.newWidget(t)
-	const n = 10
-	var total, worst time.Duration
-	for i := range n {
-		events := h.commit(t, id, 1)
-		committed := time.Now()
-		r := h.collect(t, 1)[0]
-		if r.d.MessageId != events[0].ID {
-			t.Fatalf("event %d: got %s, want %s", i, r.d.MessageId, events[0].ID)
+	forEachRelay(t, func(t *testing.T, k relayKind) {
+		h := setup(t, k, relayOptions{})
+		id := h.newWidget(t)
+		const n = 10
+		var total, worst time.Duration
+		for i := range n {
+			events := h.commit(t, id, 1)
+			committed := time.Now()
+			r := h.collect(t, 1)[0]
+			if r.d.MessageId != events[0].ID {
+				t.Fatalf("event %d: got %s, want %s", i, r.d.MessageId, events[0].ID)
+			}
+			lat := max(r.at.Sub(committed), 0) // negative: delivered before InTx returned to us
+			total += lat
+			worst = max(worst, lat)
+			if lat > 2*time.Second {
+				t.Errorf("event %d took %v from commit to delivery while idle", i, lat)
+			}
 		}
-		lat := r.at.Sub(committed)
-		if lat < 0 {
-			lat = 0 // delivered before InTx returned to us
-		}
-		total += lat
-		worst = max(worst, lat)
-		if lat > 2*time.Second {
-			t.Errorf("event %d took %v from commit to delivery while idle", i, lat)
-		}
-	}
-	t.Logf("idle commit→delivery latency over %d events: mean %v, max %v (PollInterval default)", n, total/n, worst)
+		t.Logf("%s: idle commit→delivery latency over %d events: mean %v, max %v (default config)", k.name, n, total/n, worst)
+	})
 }
 
 func TestPruneDeletesOnlyPublishedRows(t *testing.T) {
 	t.Parallel()
-	h := setup(t, outbox.Config{Retention: time.Nanosecond, PruneInterval: time.Hour})
-	ctx := testCtx(t)
-	a, b, c, d := h.newWidget(t), h.newWidget(t), h.newWidget(t), h.newWidget(t)
-	rowCount := func(eventID string) int {
-		t.Helper()
-		var n int
-		if err := h.store.Pool().QueryRow(ctx, `SELECT count(*) FROM watermill_outbox WHERE payload->>'uuid' = $1`, eventID).Scan(&n); err != nil {
+	forEachRelay(t, func(t *testing.T, k relayKind) {
+		h := setup(t, k, relayOptions{Retention: time.Nanosecond, PruneInterval: time.Hour})
+		ctx := testCtx(t)
+		a, b, c, d := h.newWidget(t), h.newWidget(t), h.newWidget(t), h.newWidget(t)
+		rowCount := func(eventID string) int {
+			t.Helper()
+			var n int
+			if err := h.store.Pool().QueryRow(ctx, `SELECT count(*) FROM watermill_outbox WHERE payload->>'uuid' = $1`, eventID).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+
+		pruned := h.commit(t, a, 2)
+		kept := h.commit(t, d, 1)[0]
+		h.collect(t, 3)
+		h.flush(t)
+
+		// A relay with the default retention (1h) deletes nothing yet. It
+		// never runs, so it holds nothing that needs closing.
+		keep := k.build(t, h.target(), relayOptions{})
+		if n, err := keep.Prune(ctx); err != nil || n != 0 {
+			t.Fatalf("Prune with a 1h retention deleted %d rows (%v)", n, err)
+		}
+
+		// An open transaction has written its outbox row; a later one
+		// commits. Neither is published: the relay waits for the older one.
+		held, commitHeld := h.holdOpen(t, b)
+		later := h.commit(t, c, 1)[0]
+		if n, err := h.relay.Pending(ctx); err != nil || n < 1 {
+			t.Fatalf("Pending = %d, %v; want the committed, unpublished row counted", n, err)
+		}
+		h.relayPolled(t)
+
+		n, err := h.relay.Prune(ctx)
+		if err != nil {
+			t.Fatalf("Prune: %v", err)
+		}
+		if n != int64(len(pruned)) {
+			t.Errorf("Prune deleted %d rows, want the %d rows of the older published transaction", n, len(pruned))
+		}
+		for _, e := range pruned {
+			if rowCount(e.ID) != 0 {
+				t.Errorf("published row %s survived Prune", e.ID)
+			}
+		}
+		// The last published transaction's rows stay (Prune compares xids only).
+		if rowCount(kept.ID) != 1 {
+			t.Errorf("the newest published transaction's row was pruned")
+		}
+		if rowCount(later.ID) != 1 {
+			t.Fatal("Prune deleted a committed row the relay has not published")
+		}
+
+		commitHeld()
+		if rowCount(held.ID) != 1 {
+			t.Fatal("the held transaction's row is gone after it committed")
+		}
+		got := h.collect(t, 2)
+		ids := map[string]bool{got[0].d.MessageId: true, got[1].d.MessageId: true}
+		if !ids[held.ID] || !ids[later.ID] {
+			t.Fatalf("after commit got %v, want the held event %s and the later one %s", ids, held.ID, later.ID)
+		}
+		h.flush(t)
+		h.noMore(t)
+
+		// Once published, the held row goes too.
+		if _, err := h.relay.Prune(ctx); err != nil {
 			t.Fatal(err)
 		}
-		return n
-	}
-
-	pruned := h.commit(t, a, 2)
-	kept := h.commit(t, d, 1)[0]
-	h.collect(t, 3)
-	h.flush(t)
-
-	// A relay with the default retention (1h) deletes nothing yet.
-	keep, err := outbox.NewForwarderRelay(outbox.Config{Pool: h.relayPool, Publisher: nopPublisher{}, Topic: pgstore.OutboxTopic})
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Not closed: it never runs, and Close on a forwarder whose router never
-	// ran waits for its CloseTimeout (10s). It holds no goroutines.
-	if n, err := keep.Prune(ctx); err != nil || n != 0 {
-		t.Fatalf("Prune with a 1h retention deleted %d rows (%v)", n, err)
-	}
-
-	// An open transaction has written its outbox row; a later one commits.
-	// Neither is published: the relay waits for the older transaction.
-	held, commitHeld := h.holdOpen(t, b)
-	later := h.commit(t, c, 1)[0]
-	if n, err := h.relay.Pending(ctx); err != nil || n < 1 {
-		t.Fatalf("Pending = %d, %v; want the committed, unpublished row counted", n, err)
-	}
-	h.relayPolled(t)
-
-	n, err := h.relay.Prune(ctx)
-	if err != nil {
-		t.Fatalf("Prune: %v", err)
-	}
-	if n != int64(len(pruned)) {
-		t.Errorf("Prune deleted %d rows, want the %d rows of the older published transaction", n, len(pruned))
-	}
-	for _, e := range pruned {
-		if rowCount(e.ID) != 0 {
-			t.Errorf("published row %s survived Prune", e.ID)
+		if rowCount(held.ID) != 0 || rowCount(kept.ID) != 0 {
+			t.Error("a published row older than the last published transaction survived Prune")
 		}
-	}
-	// The last published transaction's rows stay (Prune compares xids only).
-	if rowCount(kept.ID) != 1 {
-		t.Errorf("the newest published transaction's row was pruned")
-	}
-	if rowCount(later.ID) != 1 {
-		t.Fatal("Prune deleted a committed row the relay has not published")
-	}
-
-	commitHeld()
-	if rowCount(held.ID) != 1 {
-		t.Fatal("the held transaction's row is gone after it committed")
-	}
-	got := h.collect(t, 2)
-	ids := map[string]bool{got[0].d.MessageId: true, got[1].d.MessageId: true}
-	if !ids[held.ID] || !ids[later.ID] {
-		t.Fatalf("after commit got %v, want the held event %s and the later one %s", ids, held.ID, later.ID)
-	}
-	h.flush(t)
-	h.noMore(t)
-
-	// Once published, the held row goes too.
-	if _, err := h.relay.Prune(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if rowCount(held.ID) != 0 || rowCount(kept.ID) != 0 {
-		t.Error("a published row older than the last published transaction survived Prune")
-	}
-	if rowCount(later.ID) != 1 {
-		t.Error("the newest published transaction's row was pruned")
-	}
+		if rowCount(later.ID) != 1 {
+			t.Error("the newest published transaction's row was pruned")
+		}
+	})
 }
 
 func TestRelayDoesNotSkipAHeldTransaction(t *testing.T) {
 	t.Parallel()
-	h := setup(t, outbox.Config{})
-	a, b := h.newWidget(t), h.newWidget(t)
+	forEachRelay(t, func(t *testing.T, k relayKind) {
+		h := setup(t, k, relayOptions{})
+		a, b := h.newWidget(t), h.newWidget(t)
 
-	held, commitHeld := h.holdOpen(t, a)
-	want := map[string]*envelope.Event{held.ID: held}
-	for range 5 {
-		for _, e := range h.commit(t, b, 1) {
-			want[e.ID] = e
+		held, commitHeld := h.holdOpen(t, a)
+		want := map[string]*envelope.Event{held.ID: held}
+		for range 5 {
+			for _, e := range h.commit(t, b, 1) {
+				want[e.ID] = e
+			}
 		}
-	}
-	// Let the relay poll after the later commits: it must not move past
-	// the held transaction.
-	h.relayPolled(t)
-	t.Logf("deliveries before the held transaction committed: %d (the relay waits behind the oldest open transaction)", len(h.deliveries))
+		// Let the relay look after the later commits: it must not move past
+		// the held transaction.
+		h.relayPolled(t)
+		if n := len(h.deliveries); n != 0 {
+			t.Fatalf("%d events delivered while an older transaction was open: the relay moved past it", n)
+		}
 
-	commitHeld()
-	got := h.collect(t, len(want))
-	h.flush(t)
-	h.noMore(t)
-	seen := map[string]int{}
-	for _, r := range got {
-		e, ok := want[r.d.MessageId]
-		if !ok {
-			t.Fatalf("unexpected event %s", r.d.MessageId)
+		commitHeld()
+		got := h.collect(t, len(want))
+		h.flush(t)
+		h.noMore(t)
+		seen := map[string]int{}
+		for _, r := range got {
+			e, ok := want[r.d.MessageId]
+			if !ok {
+				t.Fatalf("unexpected event %s", r.d.MessageId)
+			}
+			seen[e.ID]++
+			checkDelivery(t, r.d, e, h.topo.EventsExchange)
 		}
-		seen[e.ID]++
-		checkDelivery(t, r.d, e, h.topo.EventsExchange)
-	}
-	for id := range want {
-		if seen[id] != 1 {
-			t.Errorf("event %s delivered %d times, want once", id, seen[id])
+		for id := range want {
+			if seen[id] != 1 {
+				t.Errorf("event %s delivered %d times, want once", id, seen[id])
+			}
 		}
-	}
-	if seen[held.ID] != 1 {
-		t.Fatal("the relay skipped the transaction that was open while later ones committed")
-	}
+		if seen[held.ID] != 1 {
+			t.Fatal("the relay skipped the transaction that was open while later ones committed")
+		}
+	})
+}
+
+// A row that is not a forwarder envelope is logged and passed over; the
+// rows around it are delivered.
+func TestRelaySkipsRowsThatAreNotEnvelopes(t *testing.T) {
+	t.Parallel()
+	forEachRelay(t, func(t *testing.T, k relayKind) {
+		h := setup(t, k, relayOptions{})
+		ctx := testCtx(t)
+		id := h.newWidget(t)
+		before := h.commit(t, id, 1)[0]
+		for _, junk := range []string{`{"uuid":"x","payload":"e30="}`, `[1,2]`} {
+			if _, err := h.store.Pool().Exec(ctx, `
+				INSERT INTO watermill_outbox (uuid, payload, metadata, transaction_id)
+				VALUES ($1, $2, '{}', pg_current_xact_id())`, uuid.NewString(), junk); err != nil {
+				t.Fatal(err)
+			}
+		}
+		after := h.commit(t, id, 1)[0]
+		got := h.collect(t, 2)
+		if got[0].d.MessageId != before.ID || got[1].d.MessageId != after.ID {
+			t.Fatalf("got %s, %s; want %s then %s", got[0].d.MessageId, got[1].d.MessageId, before.ID, after.ID)
+		}
+		h.flush(t)
+		h.noMore(t)
+		if p, ok := h.relay.(*outbox.PipelinedRelay); ok {
+			if s := p.Stats(); s.Skipped != 2 {
+				t.Errorf("Stats().Skipped = %d, want 2", s.Skipped)
+			}
+		}
+	})
 }
 
 func TestConfigValidate(t *testing.T) {
 	t.Parallel()
 	if _, err := outbox.NewForwarderRelay(outbox.Config{}); err == nil {
-		t.Fatal("NewWithConfig accepted a config without pool, publisher and topic")
+		t.Fatal("NewForwarderRelay accepted a config without pool, publisher and topic")
 	}
-	err := outbox.Config{PollInterval: -1}.Validate()
-	if err == nil {
-		t.Fatal("Validate accepted a negative interval")
+	if _, err := outbox.NewPipelinedRelay(outbox.PipelinedConfig{}); err == nil {
+		t.Fatal("NewPipelinedRelay accepted a config without pool, broker, exchange and topic")
 	}
 	var joined interface{ Unwrap() []error }
+	err := outbox.Config{PollInterval: -1}.Validate()
 	if !errors.As(err, &joined) || len(joined.Unwrap()) < 4 {
 		t.Fatalf("Validate should report every problem at once, got %v", err)
+	}
+	err = outbox.PipelinedConfig{BatchDeadline: -1}.Validate()
+	if !errors.As(err, &joined) || len(joined.Unwrap()) != 5 {
+		t.Fatalf("PipelinedConfig.Validate should report every problem at once, got %v", err)
 	}
 }
 
 // dumpOrder logs the arrival order next to the history's xids, to explain an
 // order failure.
-func (h *harness) dumpOrder(t *testing.T, got []received) {
+func (e *env) dumpOrder(t *testing.T, got []received) {
 	t.Helper()
 	for i, r := range got {
-		e, _ := envelope.Decode(r.d.Body)
+		ev, _ := envelope.Decode(r.d.Body)
 		var xid string
-		_ = h.store.Pool().QueryRow(testCtx(t), `SELECT transaction_id::text FROM history WHERE event_id = $1`, e.ID).Scan(&xid)
-		t.Logf("#%02d %s v%-3d seq %-4d xid %s", i, e.EntityID[:8], e.Version, e.Sequence, xid)
+		_ = e.store.Pool().QueryRow(testCtx(t), `SELECT transaction_id::text FROM history WHERE event_id = $1`, ev.ID).Scan(&xid)
+		t.Logf("#%02d %s v%-3d seq %-4d xid %s", i, ev.EntityID[:8], ev.Version, ev.Sequence, xid)
 	}
 }
 
 // A relay that starts while PostgreSQL is unreachable keeps trying, and
 // relays once the database is back: it never stops the service.
 func TestRelaySurvivesDatabaseDownAtStart(t *testing.T) {
-	ctx := testCtx(t)
-	dbURL := sandbox.Postgres(t)
-	storePool := openPool(t, dbURL, 2)
-	if err := pgstore.Migrate(ctx, storePool, pgstore.Framework()); err != nil {
-		t.Fatal(err)
-	}
-	store := pgstore.New(storePool, nil)
-	if err := store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
-		return tx.Append(ctx, widgetEvent(uuid.NewString(), 1, "create", "new", "created"))
-	}); err != nil {
-		t.Fatal(err)
-	}
+	t.Parallel()
+	forEachRelay(t, func(t *testing.T, k relayKind) {
+		ctx := testCtx(t)
+		e := newEnv(t, false)
+		ev := e.commit(t, e.newWidget(t), 1)[0]
 
-	u, err := url.Parse(dbURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy := sandbox.NewProxy(t, u.Host)
-	proxy.Down()
-	u.Host = proxy.Addr()
-	relay, err := outbox.NewForwarderRelay(outbox.Config{Pool: openPool(t, u.String(), 2), Publisher: nopPublisher{}, Topic: pgstore.OutboxTopic})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runCtx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- relay.Run(runCtx) }()
-	defer func() {
-		cancel()
-		if err := <-runErr; err != nil {
-			t.Errorf("Run: %v", err)
+		u, err := url.Parse(e.dbURL)
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
+		proxy := sandbox.NewProxy(t, u.Host)
+		proxy.Down()
+		u.Host = proxy.Addr()
+		tg := e.target()
+		tg.pool = openPool(t, u.String(), 2)
+		relay := k.build(t, tg, relayOptions{})
+		_, runErr := startRelay(t, relay)
 
-	// Let it fail at least twice: the first subscription and a retry.
-	if !eventually(t, 20*time.Second, func() bool { return proxy.Accepted() >= 2 }) {
-		t.Fatal("the relay never tried to reach the database")
-	}
-	proxy.Up()
-	if !eventually(t, 20*time.Second, func() bool {
+		// Let it fail at least twice: the first attempt and a retry.
+		if !eventually(t, 20*time.Second, func() bool { return proxy.Accepted() >= 2 }) {
+			t.Fatal("the relay never tried to reach the database")
+		}
 		select {
 		case err := <-runErr:
 			t.Fatalf("the relay stopped instead of waiting for the database: %v", err)
+		case <-relay.Running():
+			t.Fatal("Running closed although the database is unreachable")
 		default:
 		}
-		n, err := relay.Pending(ctx)
-		return err == nil && n == 0
-	}) {
-		t.Fatal("the relay did not publish after the database came back")
-	}
-	select {
-	case <-relay.Running():
-	default:
-		t.Fatal("Running not closed although the relay published")
-	}
+		proxy.Up()
+		got := e.collect(t, 1)[0]
+		checkDelivery(t, got.d, ev, e.topo.EventsExchange)
+		if !eventually(t, deliveryWait, func() bool {
+			n, err := relay.Pending(ctx)
+			return err == nil && n == 0
+		}) {
+			t.Fatal("the relay published but did not record it")
+		}
+		select {
+		case <-relay.Running():
+		default:
+			t.Fatal("Running not closed although the relay published")
+		}
+	})
 }

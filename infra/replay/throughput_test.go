@@ -52,7 +52,7 @@ func liveHeap() (stop func() uint64) {
 // replayed events weigh.
 func TestReplayThroughputAndBoundedMemory(t *testing.T) {
 	// Not parallel: the heap measurement needs the process to itself.
-	const n = 50000
+	const n = 20000
 	e := newEnv(t)
 	e.bulk(t, n)
 	var bytes int64

@@ -62,17 +62,19 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := broker.WithChannel(conn, func(ch *amqp091.Channel) error { return broker.DeclareShared(ch, cfg.Topology) }); err != nil {
 		return fmt.Errorf("declare topology: %w", err)
 	}
-	publisher, err := broker.NewPublisher(conn, broker.PublisherConfig{Exchange: cfg.Topology.EventsExchange}, wlog)
-	if err != nil {
-		return fmt.Errorf("event publisher: %w", err)
-	}
-	defer publisher.Close()
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(handlers.Collectors()...)
 
-	relay, err := outbox.NewForwarderRelay(outbox.Config{Pool: pool, Publisher: publisher, Topic: pgstore.OutboxTopic, Logger: wlog})
+	// The pipelined relay publishes a batch with its confirms in flight
+	// together: Watermill's forwarder (outbox.NewForwarderRelay, which reads
+	// the same tables and offsets) waits for each confirm and drained about
+	// 2.2k events/s against PostgreSQL's ~10k commands/s (baselines H12).
+	relay, err := outbox.NewPipelinedRelay(outbox.PipelinedConfig{
+		Pool: pool, AMQPURL: cfg.AMQPURL, Exchange: cfg.Topology.EventsExchange,
+		Topic: pgstore.OutboxTopic, Logger: wlog,
+	})
 	if err != nil {
 		return err
 	}
