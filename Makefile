@@ -1,7 +1,7 @@
 # statemill: everyday commands. `make test` is what CI runs (.ci/run).
 GO ?= go
 
-.PHONY: all run test fmt-check vet tidy-check bench lint fuzz up
+.PHONY: all run test fmt-check vet tidy-check bench bench-short lint fuzz up
 
 all: test
 
@@ -39,9 +39,13 @@ vet:
 tidy-check:
 	$(GO) mod tidy -diff
 
-## bench: every benchmark, no tests (placeholder until the benchmark suite lands)
+## bench: baselines and system figures against the local PostgreSQL and RabbitMQ (several minutes); table on stdout, JSON to BENCH_OUT (default bench-results.json)
 bench:
-	$(GO) test -run '^$$' -bench . ./...
+	$(GO) run ./services/bench
+
+## bench-short: the same with tiny counts, under a minute: a smoke test, its figures mean little
+bench-short:
+	$(GO) run ./services/bench -short
 
 ## lint: formatting and vet only
 lint: fmt-check vet
@@ -56,3 +60,17 @@ fuzz:
 ## up: the whole system in containers
 up:
 	docker compose up --build
+
+## faults: the fault suite: 7 scenarios (services killed, broker and database restarted, a long
+## transaction, poison, a rebuild) x 10,000 commands, the services as processes against a PostgreSQL
+## cluster and a RabbitMQ node of its own (never the shared ones); about 10 min; JSON to $(FAULTS_OUT)
+FAULTS_OUT ?= faults-results.json
+.PHONY: faults faults-short
+faults:
+	$(GO) run ./services/faults -out $(FAULTS_OUT)
+
+## faults-short: the short fault suite (1,000 commands per scenario) and the broker least-privilege
+## test, built with the tag `faults`; CI runs it as its own step after `make test`
+faults-short:
+	$(GO) test -tags faults -race -count=1 -timeout 20m -v \
+		-run '^(TestFaultsShort|TestLeastPrivilege)$$' ./services/faults

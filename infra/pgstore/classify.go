@@ -3,6 +3,7 @@ package pgstore
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"strings"
 
@@ -47,7 +48,10 @@ func Unreachable(err error) bool {
 		// 08: connection exception; 57P01-03: shutdown / cannot connect now; 53300: too many connections.
 		return strings.HasPrefix(pgErr.Code, "08") || strings.HasPrefix(pgErr.Code, "57P") || pgErr.Code == "53300"
 	}
-	return pgconn.SafeToRetry(err) || errors.Is(err, net.ErrClosed) || strings.Contains(err.Error(), "conn closed")
+	// A server that dies mid-statement leaves the client reading an
+	// unexpected EOF (seen when the fault suite killed the postmaster).
+	return pgconn.SafeToRetry(err) || errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, io.EOF) || strings.Contains(err.Error(), "conn closed")
 }
 
 // IsUniqueViolation reports whether err is a unique-constraint violation of

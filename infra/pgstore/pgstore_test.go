@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"reflect"
 	"strings"
@@ -562,6 +563,7 @@ func TestClassify(t *testing.T) {
 		{&pgconn.PgError{Code: "53300"}, true},
 		{context.DeadlineExceeded, true},
 		{fmt.Errorf("query: %w", context.DeadlineExceeded), true},
+		{fmt.Errorf("lock widget: %w", io.ErrUnexpectedEOF), true}, // the server died mid-statement
 	} {
 		if got := pgstore.Unreachable(tc.err); got != tc.want {
 			t.Errorf("Unreachable(%v) = %v, want %v", tc.err, got, tc.want)

@@ -166,6 +166,14 @@ func Run(ctx context.Context, cfg Config) error {
 	// the next start.
 	background("replay responder", replays.Run)
 	g.Go(func() error {
+		// A command sent before the bus's router runs would find no
+		// subscriber and wait out its timeout (seen by the fault suite right
+		// after a restart), so requests are taken only once it runs.
+		select {
+		case <-bus.Running():
+		case <-gctx.Done():
+			return nil
+		}
 		log.Info("products service listening", "addr", ln.Addr().String())
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("serve: %w", err)
