@@ -6,7 +6,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -116,7 +116,9 @@ func leastPrivilegeNode(t *testing.T) (*rabbitNode, map[string]string) {
 			for _, user := range []string{"products", "catalog", "ui"} {
 				b := make([]byte, 24)
 				_, _ = rand.Read(b)
-				lp.pw[user] = base64.RawURLEncoding.EncodeToString(b)
+				// Hex: a base64url password may start with "-", which
+				// rabbitmqctl would take for an option.
+				lp.pw[user] = hex.EncodeToString(b)
 				if _, err := node.ctl(ctx, "change_password", user, lp.pw[user]); err != nil {
 					return err
 				}
