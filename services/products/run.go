@@ -23,6 +23,7 @@ import (
 	"github.com/statemill/statemill/infra/outbox"
 	"github.com/statemill/statemill/infra/pgstore"
 	"github.com/statemill/statemill/infra/replay"
+	"github.com/statemill/statemill/infra/startup"
 	"github.com/statemill/statemill/infra/web"
 )
 
@@ -41,10 +42,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer pool.Close()
-	if err := retry(ctx, log, "migrate", func() error {
+	if err := startup.Retry(ctx, log, "migrate", func() error {
 		err := pgstore.Migrate(ctx, pool, pgstore.Framework(), handlers.Migrations())
 		if apperr.CodeOf(err) != apperr.Unavailable {
-			return permanent{err}
+			return startup.Permanent(err)
 		}
 		return err
 	}); err != nil {
@@ -52,7 +53,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	var conn *amqp.ConnectionWrapper
-	if err := retry(ctx, log, "connect to RabbitMQ", func() (err error) {
+	if err := startup.Retry(ctx, log, "connect to RabbitMQ", func() (err error) {
 		conn, err = broker.Connect(cfg.AMQPURL, wlog)
 		return err
 	}); err != nil {
@@ -215,33 +216,4 @@ func replayQueue(t broker.Topology) string {
 		return handlers.ReplayQueue
 	}
 	return t.CommandsExchange + "." + handlers.ReplayQueue
-}
-
-// permanent marks an error that retrying cannot fix.
-type permanent struct{ error }
-
-// retry runs fn until it succeeds, fails permanently or ctx ends, backing
-// off up to 5s, so a service may start before its dependencies.
-func retry(ctx context.Context, log *slog.Logger, what string, fn func() error) error {
-	wait := 100 * time.Millisecond
-	for {
-		err := fn()
-		var p permanent
-		if errors.As(err, &p) {
-			if p.error == nil {
-				return nil
-			}
-			return fmt.Errorf("%s: %w", what, p.error)
-		}
-		if err == nil {
-			return nil
-		}
-		log.Warn("retrying", "what", what, "err", err, "in", wait)
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%s: %w", what, errors.Join(ctx.Err(), err))
-		case <-time.After(wait):
-		}
-		wait = min(2*wait, 5*time.Second)
-	}
 }
