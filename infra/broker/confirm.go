@@ -52,18 +52,26 @@ func SetMessageProperties(p *amqp091.Publishing, messageID, correlationID string
 // start over (on a new ConfirmPublisher). It is safe for concurrent use;
 // publishes are serialised on the channel.
 type ConfirmPublisher struct {
-	ch     *amqp091.Channel
+	ch     Channel
 	window int
 	closes chan *amqp091.Error
 
 	mu      sync.Mutex
-	pending []*amqp091.DeferredConfirmation // oldest first
+	sent    uint64    // publishes so far: the sequence number of the last one
+	pending []pending // oldest first
 	err     error
+}
+
+// pending is a publish awaiting its confirm; seq is its publish sequence
+// number on the channel (the delivery tag of the confirm), for errors.
+type pending struct {
+	confirm Confirmation
+	seq     uint64
 }
 
 // NewConfirmPublisher opens a channel on conn and puts it in confirm mode.
 // window bounds the unconfirmed publishes; 0 means DefaultConfirmWindow.
-func NewConfirmPublisher(conn *amqp091.Connection, window int) (*ConfirmPublisher, error) {
+func NewConfirmPublisher(conn Conn, window int) (*ConfirmPublisher, error) {
 	if conn == nil {
 		return nil, errors.New("broker: confirm publisher needs a connection")
 	}
@@ -105,7 +113,7 @@ func (p *ConfirmPublisher) Publish(ctx context.Context, exchange, routingKey str
 			return err
 		}
 	}
-	dc, err := p.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, routingKey, false, false, msg)
+	c, err := p.ch.Publish(ctx, exchange, routingKey, false, msg)
 	if err != nil {
 		if p.ch.IsClosed() {
 			return p.fail(fmt.Errorf("%w: %w", ErrChannelClosed, p.closeReason(err)))
@@ -114,7 +122,8 @@ func (p *ConfirmPublisher) Publish(ctx context.Context, exchange, routingKey str
 		// lost, the publisher stays usable.
 		return fmt.Errorf("broker: publish to %s %q: %w", exchange, routingKey, err)
 	}
-	p.pending = append(p.pending, dc)
+	p.sent++
+	p.pending = append(p.pending, pending{confirm: c, seq: p.sent})
 	return nil
 }
 
@@ -157,7 +166,7 @@ func (p *ConfirmPublisher) Close() error {
 func (p *ConfirmPublisher) reap() error {
 	for len(p.pending) > 0 {
 		select {
-		case <-p.pending[0].Done():
+		case <-p.pending[0].confirm.Done():
 			if err := p.settle(); err != nil {
 				return err
 			}
@@ -171,7 +180,7 @@ func (p *ConfirmPublisher) reap() error {
 // waitOldest blocks until the oldest outstanding confirm arrives.
 func (p *ConfirmPublisher) waitOldest(ctx context.Context) error {
 	select {
-	case <-p.pending[0].Done():
+	case <-p.pending[0].confirm.Done():
 		return p.settle()
 	case <-ctx.Done():
 		return ctx.Err()
@@ -180,10 +189,10 @@ func (p *ConfirmPublisher) waitOldest(ctx context.Context) error {
 
 // settle pops the oldest confirm, which has arrived.
 func (p *ConfirmPublisher) settle() error {
-	dc := p.pending[0]
-	p.pending[0] = nil
+	oldest := p.pending[0]
+	p.pending[0] = pending{}
 	p.pending = p.pending[1:]
-	if dc.Acked() {
+	if oldest.confirm.Acked() {
 		return nil
 	}
 	// amqp091 nacks every outstanding confirm when the channel closes;
@@ -191,7 +200,7 @@ func (p *ConfirmPublisher) settle() error {
 	if p.ch.IsClosed() {
 		return p.fail(fmt.Errorf("%w: %w", ErrChannelClosed, p.closeReason(amqp091.ErrClosed)))
 	}
-	return p.fail(fmt.Errorf("%w (delivery tag %d)", ErrNacked, dc.DeliveryTag))
+	return p.fail(fmt.Errorf("%w (delivery tag %d)", ErrNacked, oldest.seq))
 }
 
 func (p *ConfirmPublisher) fail(err error) error {

@@ -48,7 +48,7 @@ func TestConfirmPublisherDeliversInOrderWithProperties(t *testing.T) {
 	}
 
 	const window, n = 8, 2000
-	pub, err := broker.NewConfirmPublisher(conn, window)
+	pub, err := broker.NewConfirmPublisher(broker.WrapAMQP(conn), window)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +115,7 @@ func TestConfirmPublisherReportsNack(t *testing.T) {
 	if err := ch.QueueBind(queue, "full.#", topo.EventsExchange, false, nil); err != nil {
 		t.Fatal(err)
 	}
-	pub, err := broker.NewConfirmPublisher(conn, 0)
+	pub, err := broker.NewConfirmPublisher(broker.WrapAMQP(conn), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +144,7 @@ func TestConfirmPublisherReportsNack(t *testing.T) {
 func TestConfirmPublisherReportsAClosedChannel(t *testing.T) {
 	t.Parallel()
 	conn, _, topo := confirmSetup(t)
-	pub, err := broker.NewConfirmPublisher(conn, 4)
+	pub, err := broker.NewConfirmPublisher(broker.WrapAMQP(conn), 4)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,7 +166,7 @@ func TestConfirmPublisherReportsAClosedChannel(t *testing.T) {
 func TestConfirmPublisherPublishHonoursContext(t *testing.T) {
 	t.Parallel()
 	conn, _, topo := confirmSetup(t)
-	pub, err := broker.NewConfirmPublisher(conn, 1)
+	pub, err := broker.NewConfirmPublisher(broker.WrapAMQP(conn), 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +176,7 @@ func TestConfirmPublisherPublishHonoursContext(t *testing.T) {
 	if err := pub.Publish(ctx, topo.EventsExchange, "x", amqp091.Publishing{}); !errors.Is(err, context.Canceled) {
 		t.Fatalf("Publish with a cancelled context = %v", err)
 	}
-	if _, err := broker.NewConfirmPublisher(conn, -1); err == nil {
+	if _, err := broker.NewConfirmPublisher(broker.WrapAMQP(conn), -1); err == nil {
 		t.Fatal("a negative window was accepted")
 	}
 	if _, err := broker.NewConfirmPublisher(nil, 0); err == nil {

@@ -13,15 +13,17 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"github.com/statemill/statemill/infra/broker"
 )
 
 // PipelinedConfig configures a PipelinedRelay. Zero values take the defaults.
 type PipelinedConfig struct {
-	Pool     *pgxpool.Pool
-	AMQPURL  string // the relay dials, and redials, a publishing connection of its own
+	Pool    *pgxpool.Pool
+	AMQPURL string // the relay dials, and redials, a publishing connection of its own
+	// Dial, when set, opens that connection instead of dialling AMQPURL
+	// (the embedded mode's in-process broker).
+	Dial     broker.Dialer
 	Exchange string // the topic exchange events go to; an envelope's topic is the routing key
 	Topic    string // the outbox topic written by the store (table watermill_<topic>)
 
@@ -61,6 +63,9 @@ type PipelinedConfig struct {
 }
 
 func (c *PipelinedConfig) setDefaults() {
+	if c.Dial == nil && c.AMQPURL != "" {
+		c.Dial = broker.AMQPDialer(c.AMQPURL)
+	}
 	if c.ConsumerGroup == "" {
 		c.ConsumerGroup = defaultConsumerGroup
 	}
@@ -99,8 +104,8 @@ func (c PipelinedConfig) Validate() error {
 	if c.Pool == nil {
 		errs = append(errs, errors.New("outbox: Pool is required"))
 	}
-	if c.AMQPURL == "" {
-		errs = append(errs, errors.New("outbox: AMQPURL is required"))
+	if c.AMQPURL == "" && c.Dial == nil {
+		errs = append(errs, errors.New("outbox: AMQPURL or Dial is required"))
 	}
 	if c.Exchange == "" {
 		errs = append(errs, errors.New("outbox: Exchange is required"))
@@ -163,7 +168,7 @@ type PipelinedRelay struct {
 	closeOnce   sync.Once
 
 	// Owned by Run's goroutine.
-	conn        *amqp091.Connection
+	conn        broker.Conn
 	pub         *broker.ConfirmPublisher
 	dialled     bool // a connection existed before: the next dial is a reconnect
 	needOffsets bool // the offsets row must be ensured before the next batch
@@ -617,9 +622,9 @@ func (r *PipelinedRelay) ensurePublisher() error {
 		return nil
 	}
 	r.dropBroker()
-	conn, err := dialBroker(r.config.AMQPURL)
+	conn, err := r.config.Dial("statemill-outbox-relay")
 	if err != nil {
-		return err
+		return fmt.Errorf("outbox: connect to the broker: %w", err)
 	}
 	if r.dialled {
 		r.reconnects.Add(1)
@@ -647,23 +652,6 @@ func (r *PipelinedRelay) dropBroker() {
 		_ = r.conn.Close()
 		r.conn = nil
 	}
-}
-
-// dialBroker opens a publishing connection with a heartbeat, so a dead peer
-// is noticed within seconds, and a bounded dial.
-func dialBroker(url string) (*amqp091.Connection, error) {
-	props := amqp091.NewConnectionProperties()
-	props.SetClientConnectionName("statemill-outbox-relay")
-	conn, err := amqp091.DialConfig(url, amqp091.Config{
-		Heartbeat:  10 * time.Second,
-		Locale:     "en_US",
-		Dial:       amqp091.DefaultDial(5 * time.Second),
-		Properties: props,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("outbox: connect to RabbitMQ: %w", err)
-	}
-	return conn, nil
 }
 
 // backoff is base doubled per failure beyond the first, capped at ceiling.

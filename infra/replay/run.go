@@ -327,7 +327,7 @@ func (r *Responder) publisher() (*broker.ConfirmPublisher, error) {
 		}
 		r.pubConn = conn
 	}
-	return broker.NewConfirmPublisher(r.pubConn, r.cfg.Window)
+	return broker.NewConfirmPublisher(broker.WrapAMQP(r.pubConn), r.cfg.Window)
 }
 
 func (r *Responder) closePublisherConn() {
