@@ -69,8 +69,9 @@ FAULTS_OUT ?= faults-results.json
 faults:
 	$(GO) run ./services/faults -out $(FAULTS_OUT)
 
-## faults-short: the short fault suite (1,000 commands per scenario) and the broker least-privilege
-## test, built with the tag `faults`; CI runs it as its own step after `make test`
+## faults-short: the short fault suite (1,000 commands per scenario), the broker least-privilege
+## test and the services running as the least-privilege users (AMQP_DECLARE=passive), built with
+## the tag `faults`; CI runs it as its own step after `make test`
 faults-short:
 	$(GO) test -tags faults -race -count=1 -timeout 20m -v \
-		-run '^(TestFaultsShort|TestLeastPrivilege)$$' ./services/faults
+		-run '^(TestFaultsShort|TestLeastPrivilege|TestServicesUnderLeastPrivilege)$$' ./services/faults

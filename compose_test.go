@@ -1,7 +1,12 @@
 package statemill_test
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"go/ast"
 	"go/build"
@@ -11,10 +16,12 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/compose-spec/compose-go/v2/loader"
@@ -360,4 +367,191 @@ func mustGetwd(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return wd
+}
+
+// The broker side of docker-compose.yml: the rabbitmq service loads
+// rabbitmq/definitions.json (through rabbitmq/rabbitmq.conf) and every
+// service connects as its own user of that file, on its vhost, with
+// passive declares.
+
+const (
+	definitionsFile = "rabbitmq/definitions.json"
+	rabbitConfFile  = "rabbitmq/rabbitmq.conf"
+)
+
+type definitions struct {
+	Users []struct {
+		Name             string `json:"name"`
+		PasswordHash     string `json:"password_hash"`
+		HashingAlgorithm string `json:"hashing_algorithm"`
+	} `json:"users"`
+	Vhosts []struct {
+		Name string `json:"name"`
+	} `json:"vhosts"`
+	Permissions []struct {
+		User  string `json:"user"`
+		Vhost string `json:"vhost"`
+	} `json:"permissions"`
+}
+
+func loadDefinitions(t *testing.T) definitions {
+	t.Helper()
+	b, err := os.ReadFile(definitionsFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d definitions
+	if err := json.Unmarshal(b, &d); err != nil {
+		t.Fatalf("%s: %v", definitionsFile, err)
+	}
+	return d
+}
+
+// rabbitConf returns the value of key in rabbitmq.conf (sysctl format).
+func rabbitConf(t *testing.T, key string) (string, bool) {
+	t.Helper()
+	b, err := os.ReadFile(rabbitConfFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if ok && strings.TrimSpace(k) == key {
+			return strings.TrimSpace(v), true
+		}
+	}
+	return "", false
+}
+
+// rabbitPasswordMatches checks password against a RabbitMQ
+// rabbit_password_hashing_sha256 hash: base64 of a 4-byte salt followed by
+// SHA-256(salt + password).
+func rabbitPasswordMatches(hash, password string) bool {
+	b, err := base64.StdEncoding.DecodeString(hash)
+	if err != nil || len(b) != 4+sha256.Size {
+		return false
+	}
+	sum := sha256.Sum256(append(slices.Clone(b[:4]), password...))
+	return bytes.Equal(sum[:], b[4:])
+}
+
+func TestComposeRabbitMQLoadsTheDefinitions(t *testing.T) {
+	project := loadCompose(t)
+	svc, ok := project.Services["rabbitmq"]
+	if !ok {
+		t.Fatalf("%s: no service rabbitmq", composeFile)
+	}
+	root := mustGetwd(t)
+	mounted := map[string]string{} // file of the repository → target in the container
+	for _, v := range svc.Volumes {
+		if v.Type != types.VolumeTypeBind {
+			continue
+		}
+		src := v.Source
+		if !filepath.IsAbs(src) {
+			src = filepath.Join(root, src)
+		}
+		rel, err := filepath.Rel(root, filepath.Clean(src))
+		if err != nil {
+			continue
+		}
+		mounted[filepath.ToSlash(rel)] = v.Target
+		if !v.ReadOnly {
+			t.Errorf("%s: rabbitmq mounts %s read-write, want :ro", composeFile, rel)
+		}
+	}
+	defs, ok := mounted[definitionsFile]
+	if !ok {
+		t.Errorf("%s: rabbitmq does not mount ./%s (mounts: %v)", composeFile, definitionsFile, mounted)
+	}
+	conf, ok := mounted[rabbitConfFile]
+	switch {
+	case !ok:
+		t.Errorf("%s: rabbitmq does not mount ./%s (mounts: %v)", composeFile, rabbitConfFile, mounted)
+	case path.Dir(conf) != "/etc/rabbitmq/conf.d" || path.Ext(conf) != ".conf":
+		// The image reads every *.conf of conf.d (its own 10-defaults.conf too).
+		t.Errorf("%s: rabbitmq mounts %s at %s, want /etc/rabbitmq/conf.d/<name>.conf", composeFile, rabbitConfFile, conf)
+	}
+	load, ok := rabbitConf(t, "load_definitions")
+	switch {
+	case !ok:
+		t.Errorf("%s sets no load_definitions", rabbitConfFile)
+	case defs != "" && load != defs:
+		t.Errorf("%s: load_definitions = %s, but %s mounts %s at %s", rabbitConfFile, load, composeFile, definitionsFile, defs)
+	}
+}
+
+func TestComposeServicesUseTheirBrokerUsers(t *testing.T) {
+	project := loadCompose(t)
+	d := loadDefinitions(t)
+	users := map[string]string{} // name → password_hash
+	for _, u := range d.Users {
+		if u.HashingAlgorithm != "rabbit_password_hashing_sha256" {
+			t.Errorf("%s: user %s: hashing_algorithm %q, want rabbit_password_hashing_sha256", definitionsFile, u.Name, u.HashingAlgorithm)
+		}
+		users[u.Name] = u.PasswordHash
+	}
+	var vhosts []string
+	for _, v := range d.Vhosts {
+		vhosts = append(vhosts, v.Name)
+	}
+	root := mustGetwd(t)
+	ourDockerfile := filepath.Join(root, "Dockerfile")
+	checked := 0
+	for _, name := range slices.Sorted(maps.Keys(project.Services)) {
+		svc := project.Services[name]
+		if svc.Build == nil || buildDockerfile(root, svc.Build) != ourDockerfile {
+			continue
+		}
+		arg := svc.Build.Args["SERVICE"]
+		raw, ok := svc.Environment["AMQP_URL"]
+		if arg == nil || !ok || raw == nil {
+			continue // reported by TestComposeServicesMatchBinaries
+		}
+		checked++
+		// The user is named after the binary: its permissions are the role's.
+		want := *arg
+		u, err := url.Parse(*raw)
+		if err != nil {
+			t.Errorf("%s: service %q: AMQP_URL: %v", composeFile, name, err)
+			continue
+		}
+		user := u.User.Username()
+		pass, _ := u.User.Password()
+		hash, known := users[user]
+		switch {
+		case user != want:
+			t.Errorf("%s: service %q connects as %q, want its own user %q of %s", composeFile, name, user, want, definitionsFile)
+		case !known:
+			t.Errorf("%s: service %q connects as %q, which %s does not define", composeFile, name, user, definitionsFile)
+		case !rabbitPasswordMatches(hash, pass):
+			t.Errorf("%s: service %q: the password in AMQP_URL does not match the password_hash of user %q in %s", composeFile, name, user, definitionsFile)
+		}
+		vhost := strings.TrimPrefix(u.Path, "/")
+		if vhost == "" {
+			vhost = "/"
+		}
+		if !slices.Contains(vhosts, vhost) {
+			t.Errorf("%s: service %q: AMQP_URL names vhost %q, which %s does not define", composeFile, name, vhost, definitionsFile)
+		}
+		hasPerm := false
+		for _, p := range d.Permissions {
+			hasPerm = hasPerm || (p.User == user && p.Vhost == vhost)
+		}
+		if !hasPerm {
+			t.Errorf("%s: service %q: user %q has no permissions on vhost %q in %s", composeFile, name, user, vhost, definitionsFile)
+		}
+		// Its user may not configure the shared topology: only check it.
+		if v := svc.Environment["AMQP_DECLARE"]; v == nil || *v != "passive" {
+			t.Errorf("%s: service %q runs as a least-privilege user but does not set AMQP_DECLARE: passive", composeFile, name)
+		}
+	}
+	if checked == 0 {
+		t.Fatalf("%s: no service built from %s sets AMQP_URL", composeFile, ourDockerfile)
+	}
 }

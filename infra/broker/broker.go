@@ -19,6 +19,14 @@ import (
 type Topology struct {
 	EventsExchange   string // topic exchange every event is published to; default "events"
 	CommandsExchange string // topic exchange for commands between services; default "commands"
+	// Passive means the topology exists already: a definitions file
+	// (rabbitmq/definitions.json) was loaded into the broker, and the
+	// services run as users without configure permission on it
+	// (AMQP_DECLARE=passive). DeclareShared, the projection worker and the
+	// replay responder then only check that their exchanges and queues
+	// exist (passive declares, which need no permission) and bind nothing;
+	// a missing one is a *MissingError.
+	Passive bool
 }
 
 // WithDefaults fills in empty names.
@@ -47,12 +55,92 @@ func (t Topology) UnroutableExchange() string { return t.EventsExchange + ".unro
 // UnroutableQueue keeps what UnroutableExchange catches, for an operator to see.
 func (t Topology) UnroutableQueue() string { return t.EventsExchange + ".unroutable" }
 
+// Values of AMQP_DECLARE, the setting of Topology.Passive.
+const (
+	DeclareModeDeclare = "declare" // the services declare the topology (the default)
+	DeclareModePassive = "passive" // a definitions file declares it; the services check it exists
+)
+
+// ParseDeclareMode reads a declare mode (AMQP_DECLARE): "declare" or empty
+// (false), or "passive" (true).
+func ParseDeclareMode(v string) (passive bool, err error) {
+	switch v {
+	case "", DeclareModeDeclare:
+		return false, nil
+	case DeclareModePassive:
+		return true, nil
+	}
+	return false, fmt.Errorf("%q is not a declare mode: want %q (the service declares its exchanges and queues) or %q (they come from the broker's definitions file)",
+		v, DeclareModeDeclare, DeclareModePassive)
+}
+
+// MissingError is what a passive declare reports when the exchange or queue
+// does not exist.
+type MissingError struct {
+	Kind string // "exchange" or "queue"
+	Name string
+	Err  error // the broker's 404 NOT_FOUND
+}
+
+func (e *MissingError) Error() string {
+	return fmt.Sprintf("broker: %s %q does not exist: with passive declares (AMQP_DECLARE=passive) nothing is declared, "+
+		"the broker must have loaded the definitions file (rabbitmq/definitions.json) into this vhost (%v)", e.Kind, e.Name, e.Err)
+}
+
+func (e *MissingError) Unwrap() error { return e.Err }
+
+// missing turns a passive declare's 404 into a *MissingError and wraps any
+// other error.
+func missing(kind, name string, err error) error {
+	var ae *amqp091.Error
+	if errors.As(err, &ae) && ae.Code == amqp091.NotFound {
+		return &MissingError{Kind: kind, Name: name, Err: err}
+	}
+	return fmt.Errorf("broker: check %s %q: %w", kind, name, err)
+}
+
+// CheckExchange declares exchange name passively: it succeeds if the
+// exchange exists, whatever its type and arguments, and needs no
+// permission. A missing exchange is a *MissingError; like any channel
+// exception it closes ch.
+func CheckExchange(ch *amqp091.Channel, name string) error {
+	if err := ch.ExchangeDeclarePassive(name, amqp091.ExchangeTopic, true, false, false, false, nil); err != nil {
+		return missing("exchange", name, err)
+	}
+	return nil
+}
+
+// CheckQueue declares queue name passively, as CheckExchange does an
+// exchange, and returns its message and consumer counts.
+func CheckQueue(ch *amqp091.Channel, name string) (amqp091.Queue, error) {
+	q, err := ch.QueueDeclarePassive(name, true, false, false, false, nil)
+	if err != nil {
+		return q, missing("queue", name, err)
+	}
+	return q, nil
+}
+
 // DeclareShared declares the shared topology. It is idempotent; the producing
 // service runs it at start. With least-privilege users a definitions file
-// declares the same objects instead.
+// declares the same objects instead, and t.Passive makes DeclareShared only
+// check that they exist (see CheckExchange).
 func DeclareShared(ch *amqp091.Channel, t Topology) error {
 	if err := t.Validate(); err != nil {
 		return err
+	}
+	if t.Passive {
+		if err := CheckExchange(ch, t.UnroutableExchange()); err != nil {
+			return err
+		}
+		if _, err := CheckQueue(ch, t.UnroutableQueue()); err != nil {
+			return err
+		}
+		for _, x := range []string{t.EventsExchange, t.CommandsExchange} {
+			if err := CheckExchange(ch, x); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	if err := ch.ExchangeDeclare(t.UnroutableExchange(), amqp091.ExchangeFanout, true, false, false, false, nil); err != nil {
 		return fmt.Errorf("declare %s: %w", t.UnroutableExchange(), err)

@@ -13,6 +13,7 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"github.com/statemill/statemill/infra/apperr"
+	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
 	"github.com/statemill/statemill/infra/pgstore"
 	"github.com/statemill/statemill/infra/replay"
@@ -288,7 +289,9 @@ func (w *Worker) begin(ctx context.Context, r *run) (err error) {
 }
 
 // purgeReplay binds N.replay (again: it must be bound before the request)
-// and empties it of earlier replays' leftovers.
+// and empties it of earlier replays' leftovers. With Topology.Passive the
+// definitions file holds the queue and its bindings: it only checks that
+// the queue exists and purges it (the purge needs read permission only).
 func (w *Worker) purgeReplay(conn *amqp091.Connection) error {
 	ch, err := conn.Channel()
 	if err != nil {
@@ -296,12 +299,18 @@ func (w *Worker) purgeReplay(conn *amqp091.Connection) error {
 	}
 	defer ch.Close()
 	q := w.replayQueue()
-	if _, err := ch.QueueDeclare(q, true, false, false, false, amqp091.Table{"x-dead-letter-exchange": w.deadQueue()}); err != nil {
-		return err
-	}
-	for _, et := range w.cfg.EntityTypes {
-		if err := ch.QueueBind(q, envelope.ReplayBinding(w.cfg.Name, et), w.cfg.Topology.EventsExchange, false, nil); err != nil {
+	if w.cfg.Topology.Passive {
+		if _, err := broker.CheckQueue(ch, q); err != nil {
 			return err
+		}
+	} else {
+		if _, err := ch.QueueDeclare(q, true, false, false, false, amqp091.Table{"x-dead-letter-exchange": w.deadQueue()}); err != nil {
+			return err
+		}
+		for _, et := range w.cfg.EntityTypes {
+			if err := ch.QueueBind(q, envelope.ReplayBinding(w.cfg.Name, et), w.cfg.Topology.EventsExchange, false, nil); err != nil {
+				return err
+			}
 		}
 	}
 	n, err := ch.QueuePurge(q, false)

@@ -474,7 +474,11 @@ func closeErr(what string, e *amqp091.Error) error {
 }
 
 // declare declares the shared exchanges (idempotently) and the view's queue
-// with its bindings.
+// with its bindings. With Topology.Passive the shared exchanges are only
+// checked (the definitions file declares them), but the queue, which is
+// the instance's own, is still declared and bound: its user needs configure
+// permission on the queue's name only (the ui's is ^ui-[0-9a-f]{8}$ in
+// rabbitmq/definitions.json).
 //
 // The queue is non-durable and not exclusive, and it expires (x-expires)
 // once it has had no consumer for QueueExpires. Neither exclusive nor

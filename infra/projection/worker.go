@@ -317,17 +317,22 @@ func (w *Worker) autoKind(ctx context.Context, first, created, liveExisted bool)
 }
 
 // declare declares the worker's topology (and, idempotently, the shared
-// exchanges it binds to) and reports whether N.live existed before.
+// exchanges it binds to) and reports whether N.live existed before. With
+// Topology.Passive the definitions file has declared and bound all of it
+// (the worker's user has no configure permission): declare only checks that
+// the exchanges and queues exist, and a missing one is a
+// *broker.MissingError.
 func (w *Worker) declare(conn *amqp091.Connection) (liveExisted bool, err error) {
+	t := w.cfg.Topology
 	probe, err := conn.Channel()
 	if err != nil {
 		return false, err
 	}
 	liveExisted = true
-	if _, err := probe.QueueDeclarePassive(w.liveQueue(), true, false, false, false, nil); err != nil {
-		var ae *amqp091.Error
-		if !errors.As(err, &ae) || ae.Code != amqp091.NotFound {
-			return false, fmt.Errorf("check %s: %w", w.liveQueue(), err)
+	if _, err := broker.CheckQueue(probe, w.liveQueue()); err != nil {
+		var me *broker.MissingError
+		if !errors.As(err, &me) || t.Passive {
+			return false, err
 		}
 		liveExisted = false // the 404 closed the probe channel
 	} else {
@@ -339,11 +344,21 @@ func (w *Worker) declare(conn *amqp091.Connection) (liveExisted bool, err error)
 		return false, err
 	}
 	defer ch.Close()
-	t := w.cfg.Topology
 	if err := broker.DeclareShared(ch, t); err != nil {
 		return false, err
 	}
 	dead := w.deadQueue()
+	if t.Passive {
+		if err := broker.CheckExchange(ch, dead); err != nil {
+			return false, err
+		}
+		for _, q := range []string{dead, w.replayQueue()} {
+			if _, err := broker.CheckQueue(ch, q); err != nil {
+				return false, err
+			}
+		}
+		return liveExisted, nil
+	}
 	if err := ch.ExchangeDeclare(dead, amqp091.ExchangeFanout, true, false, false, false, nil); err != nil {
 		return false, fmt.Errorf("declare exchange %s: %w", dead, err)
 	}

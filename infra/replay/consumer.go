@@ -10,6 +10,7 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"github.com/statemill/statemill/infra/apperr"
+	"github.com/statemill/statemill/infra/broker"
 )
 
 // dial opens a broker connection with a heartbeat, so a dead peer is
@@ -59,11 +60,26 @@ func (r *Responder) consumeLoop(ctx context.Context) {
 // belongs to the shared topology and must exist. When the queue already
 // exists with other arguments (a definitions file that left out the
 // dead-letter ones) it is used as it is: requests that can never run are
-// then dropped, with a log line, rather than dead-lettered.
+// then dropped, with a log line, rather than dead-lettered. With
+// Topology.Passive the definitions file has declared both queues and the
+// binding (the producer's user has no configure permission): declare only
+// checks that the exchange and the queues exist, and a missing one is a
+// *broker.MissingError.
 func (r *Responder) declare(conn *amqp091.Connection) (*amqp091.Channel, error) {
 	ch, err := conn.Channel()
 	if err != nil {
 		return nil, fmt.Errorf("open channel: %w", err)
+	}
+	if r.cfg.Topology.Passive {
+		if err := broker.CheckExchange(ch, r.cfg.Topology.CommandsExchange); err != nil {
+			return nil, err
+		}
+		for _, q := range []string{r.DeadQueue(), r.cfg.QueueName} {
+			if _, err := broker.CheckQueue(ch, q); err != nil {
+				return nil, err
+			}
+		}
+		return ch, nil
 	}
 	if _, err := ch.QueueDeclare(r.DeadQueue(), true, false, false, false, nil); err != nil {
 		return nil, fmt.Errorf("declare %s: %w", r.DeadQueue(), err)

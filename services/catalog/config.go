@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -13,7 +14,7 @@ import (
 
 // envVars lists every environment variable the service reads (the compose
 // test checks that docker-compose.yml sets them).
-var envVars = []string{"DATABASE_URL", "AMQP_URL", "HTTP_ADDR", "EVENTS_EXCHANGE", "COMMANDS_EXCHANGE", "CATALOG_NAME", "LOG_LEVEL"}
+var envVars = []string{"DATABASE_URL", "AMQP_URL", "AMQP_DECLARE", "HTTP_ADDR", "EVENTS_EXCHANGE", "COMMANDS_EXCHANGE", "CATALOG_NAME", "LOG_LEVEL"}
 
 // Config is what Run needs. Zero values take the defaults.
 type Config struct {
@@ -73,6 +74,10 @@ func configFromEnv(getenv func(string) string) (Config, error) {
 			return Config{}, errors.New("LOG_LEVEL must be debug, info, warn or error")
 		}
 	}
+	passive, err := broker.ParseDeclareMode(getenv("AMQP_DECLARE"))
+	if err != nil {
+		return Config{}, fmt.Errorf("AMQP_DECLARE: %w", err)
+	}
 	cfg := Config{
 		DatabaseURL: getenv("DATABASE_URL"),
 		AMQPURL:     getenv("AMQP_URL"),
@@ -81,6 +86,7 @@ func configFromEnv(getenv func(string) string) (Config, error) {
 		Topology: broker.Topology{
 			EventsExchange:   getenv("EVENTS_EXCHANGE"),
 			CommandsExchange: getenv("COMMANDS_EXCHANGE"),
+			Passive:          passive,
 		},
 		Logger: slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
 	}

@@ -12,7 +12,9 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -29,6 +31,9 @@ var lp struct {
 	node *rabbitNode
 	pw   map[string]string
 	err  error
+	// turns keeps TestLeastPrivilege, which disturbs the queues of the
+	// vhost, and the services of TestServicesUnderLeastPrivilege apart.
+	turns sync.Mutex
 }
 
 func TestMain(m *testing.M) {
@@ -180,6 +185,8 @@ func publish(ch *amqp091.Channel, exchange, key string) error {
 func TestLeastPrivilege(t *testing.T) {
 	t.Parallel() // each test has servers of its own
 	node, pw := leastPrivilegeNode(t)
+	lp.turns.Lock()
+	defer lp.turns.Unlock()
 
 	dial := func(user string) *amqp091.Connection {
 		t.Helper()
@@ -333,15 +340,23 @@ func TestLeastPrivilege(t *testing.T) {
 	})
 }
 
-// TestServicesUnderLeastPrivilege runs the products service and the catalog
-// as their own broker users of rabbitmq/definitions.json, with
+// TestServicesUnderLeastPrivilege runs the products service, the catalog
+// and the ui as their own broker users of rabbitmq/definitions.json, with
 // AMQP_DECLARE=passive: the topology comes from the definitions, the
-// services only check that it exists. It fails until the services have
-// that setting (they declare the shared topology at start, which needs the
-// configure permission the users do not have).
+// services only check that it exists (the ui declares its own queue, which
+// its user may configure). It shows that the users are really limited (the
+// products service in the default declare mode is refused), then that the
+// catalog fills itself from a replay, the ui from a latest replay, a
+// command reaches both, and a rebuild on request completes.
 func TestServicesUnderLeastPrivilege(t *testing.T) {
 	t.Parallel() // each test has servers of its own
 	node, pw := leastPrivilegeNode(t)
+	// TestLeastPrivilege publishes stray events, consumes catalog.live and
+	// purges catalog.replay on the same vhost: the two take turns (the
+	// turn ends after the services have stopped, the first cleanup added
+	// runs last).
+	lp.turns.Lock()
+	t.Cleanup(lp.turns.Unlock)
 	ctx := t.Context()
 
 	ports := newPortPicker()
@@ -363,27 +378,55 @@ func TestServicesUnderLeastPrivilege(t *testing.T) {
 	if err := pg.exec(ctx, "postgres", "CREATE DATABASE products", "CREATE DATABASE catalog"); err != nil {
 		t.Fatal(err)
 	}
-	bins, err := buildServices(ctx, filepath.Join(dir, "bin"), false)
+	bins, err := buildServices(ctx, filepath.Join(dir, "bin"), false, "products", "catalog", "ui")
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	start := func(name, user string, extra map[string]string) *service {
-		t.Helper()
+	env := func(name, user string, extra map[string]string) map[string]string {
 		vars := map[string]string{
-			"DATABASE_URL": pg.url(name), "AMQP_URL": node.url("statemill", user, pw[user]),
+			"AMQP_URL": node.url("statemill", user, pw[user]), "AMQP_DECLARE": "passive",
 			"EVENTS_EXCHANGE": "events", "COMMANDS_EXCHANGE": "commands", "LOG_LEVEL": "warn",
-			"AMQP_DECLARE": "passive",
+		}
+		if name != "ui" { // the ui keeps no database
+			vars["DATABASE_URL"] = pg.url(name)
 		}
 		for k, v := range extra {
 			vars[k] = v
 		}
-		svc, err := newService(ctx, name, bins[name], filepath.Join(dir, name+".log"), ports.pick(), vars)
+		return vars
+	}
+
+	// The users are limited for real: the default mode (declare) needs the
+	// configure permission products lacks, and the service refuses to
+	// start; so does an AMQP_DECLARE it does not know.
+	for _, c := range []struct {
+		mode, want string
+		code       int
+	}{
+		{"declare", "ACCESS_REFUSED", 1},
+		{"Passive", `AMQP_DECLARE: "Passive" is not a declare mode`, 2},
+	} {
+		vars := env("products", "products", map[string]string{"AMQP_DECLARE": c.mode, "HTTP_ADDR": fmt.Sprintf("127.0.0.1:%d", ports.pick())})
+		out, code := runOnce(ctx, t, bins["products"], vars, 2*time.Minute)
+		if code != c.code || !strings.Contains(out, c.want) {
+			t.Fatalf("products with AMQP_DECLARE=%s: exit code %d, output:\n%s\nwant exit code %d and %q", c.mode, code, out, c.code, c.want)
+		}
+	}
+
+	start := func(name, user string, extra map[string]string) *service {
+		t.Helper()
+		svc, err := newService(ctx, name, bins[name], filepath.Join(dir, name+".log"), ports.pick(), env(name, user, extra))
 		if err != nil {
 			t.Fatal(err)
 		}
-		svc.startTimeout = 45 * time.Second
-		t.Cleanup(func() { _ = svc.close() })
+		svc.startTimeout = 3 * time.Minute
+		t.Cleanup(func() {
+			_ = svc.close()
+			if exits := svc.unexpectedExits(); len(exits) > 0 {
+				t.Errorf("%s exited by itself: %s", name, strings.Join(exits, "\n"))
+			}
+		})
 		if err := svc.start(ctx); err != nil {
 			t.Fatalf("%s as broker user %q with AMQP_DECLARE=passive: %v", name, user, err)
 		}
@@ -391,9 +434,11 @@ func TestServicesUnderLeastPrivilege(t *testing.T) {
 	}
 	products := start("products", "products", nil)
 	catalog := start("catalog", "catalog", map[string]string{"CATALOG_NAME": "catalog"})
-	if err := waitRebuilt(ctx, catalog.base, time.Minute); err != nil {
+	if err := waitRebuilt(ctx, catalog.base, 3*time.Minute); err != nil {
 		t.Fatalf("the catalog's first rebuild (a replay through the products user): %v", err)
 	}
+	// Healthy means its latest replay is complete.
+	ui := start("ui", "ui", map[string]string{"PRODUCTS_URL": products.base})
 
 	res, err := http.Post(products.base+"/api/products", "application/json", bytes.NewReader([]byte(`{"name":"least","price":1,"initial_inventory":2}`)))
 	if err != nil {
@@ -405,10 +450,72 @@ func TestServicesUnderLeastPrivilege(t *testing.T) {
 	if err != nil || res.StatusCode != http.StatusCreated {
 		t.Fatalf("create: %d %v", res.StatusCode, err)
 	}
-	if err := poll(ctx, 30*time.Second, "the product in the catalog", func() bool {
+	inCatalog := func() bool {
 		rows, err := catalogModel(ctx, catalog.base)
 		return err == nil && len(rows) == 1 && rows[0] == created
+	}
+	if err := poll(ctx, 2*time.Minute, "the product in the catalog", inCatalog); err != nil {
+		t.Fatal(err)
+	}
+	if err := poll(ctx, 2*time.Minute, "the product in the ui", func() bool {
+		var page struct {
+			Products []row `json:"products"`
+		}
+		return getJSON(ctx, ui.base+"/ui/products", &page) == nil && len(page.Products) == 1 && page.Products[0] == created
 	}); err != nil {
 		t.Fatal(err)
 	}
+
+	// A rebuild on request: N.replay purged and consumed without
+	// redeclaring it, the replay published by the products user.
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, catalog.base+"/catalog/rebuild", nil)
+	res, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var accepted struct {
+		ReplayID string `json:"replay_id"`
+	}
+	err = json.NewDecoder(res.Body).Decode(&accepted)
+	res.Body.Close()
+	if err != nil || res.StatusCode != http.StatusAccepted || accepted.ReplayID == "" {
+		t.Fatalf("POST /catalog/rebuild: %d %v", res.StatusCode, err)
+	}
+	var st catalogStatus
+	if err := poll(ctx, 3*time.Minute, "the rebuild to complete", func() bool {
+		st, err = getStatus(ctx, catalog.base)
+		return err == nil && st.Rebuild.ReplayID == accepted.ReplayID && st.Rebuild.State == "completed"
+	}); err != nil {
+		t.Fatalf("%v (last state %q %s, err %v)", err, st.Rebuild.State, st.Rebuild.Error, err)
+	}
+	if st.Rebuild.Expected != created.Version || st.Rebuild.Received != created.Version {
+		t.Errorf("the rebuild received %d of %d events, want the product's %d transitions", st.Rebuild.Received, st.Rebuild.Expected, created.Version)
+	}
+	if !inCatalog() {
+		rows, err := catalogModel(ctx, catalog.base)
+		t.Fatalf("after the rebuild the catalog holds %v (%v), want [%v]", rows, err, created)
+	}
+}
+
+// runOnce runs bin with the environment vars until it exits (or timeout
+// passes: then it is killed) and returns its output and exit code.
+func runOnce(ctx context.Context, t *testing.T, bin string, vars map[string]string, timeout time.Duration) (string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin)
+	cmd.Env = os.Environ()
+	for k, v := range vars {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return string(out), 0
+	case errors.As(err, &ee) && ctx.Err() == nil:
+		return string(out), ee.ExitCode()
+	}
+	t.Fatalf("%s: %v (did not exit by itself within %s):\n%s", bin, err, timeout, out)
+	return "", 0
 }

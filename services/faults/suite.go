@@ -228,23 +228,32 @@ func (s *suite) build(ctx context.Context) error {
 	return nil
 }
 
-// buildServices runs go build for the products and catalog services from
-// the module root into binDir.
-func buildServices(ctx context.Context, binDir string, race bool) (map[string]string, error) {
+// buildServices runs go build for the named services (folders under
+// services/; default products and catalog) from the module root into
+// binDir, and returns their binaries by name.
+func buildServices(ctx context.Context, binDir string, race bool, names ...string) (map[string]string, error) {
 	root, err := moduleRoot(ctx)
 	if err != nil {
 		return nil, err
+	}
+	if len(names) == 0 {
+		names = []string{"products", "catalog"}
 	}
 	args := []string{"build", "-o", binDir + string(filepath.Separator)}
 	if race {
 		args = append(args, "-race")
 	}
-	cmd := exec.CommandContext(ctx, "go", append(args, "./services/products", "./services/catalog")...)
+	bins := map[string]string{}
+	for _, name := range names {
+		args = append(args, "./services/"+name)
+		bins[name] = filepath.Join(binDir, name)
+	}
+	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = root
 	if err := run(cmd); err != nil {
 		return nil, fmt.Errorf("build the services: %w", err)
 	}
-	return map[string]string{"products": filepath.Join(binDir, "products"), "catalog": filepath.Join(binDir, "catalog")}, nil
+	return bins, nil
 }
 
 // moduleRoot is the directory of go.mod.

@@ -15,7 +15,7 @@ import (
 
 // envVars lists every environment variable the service reads (the compose
 // test checks that docker-compose.yml sets them). The ui keeps no database.
-var envVars = []string{"AMQP_URL", "HTTP_ADDR", "EVENTS_EXCHANGE", "COMMANDS_EXCHANGE", "PRODUCTS_URL", "LOG_LEVEL"}
+var envVars = []string{"AMQP_URL", "AMQP_DECLARE", "HTTP_ADDR", "EVENTS_EXCHANGE", "COMMANDS_EXCHANGE", "PRODUCTS_URL", "LOG_LEVEL"}
 
 // Config is what Run needs. Zero values take the defaults.
 type Config struct {
@@ -104,6 +104,10 @@ func configFromEnv(getenv func(string) string) (Config, error) {
 			return Config{}, errors.New("LOG_LEVEL must be debug, info, warn or error")
 		}
 	}
+	passive, err := broker.ParseDeclareMode(getenv("AMQP_DECLARE"))
+	if err != nil {
+		return Config{}, fmt.Errorf("AMQP_DECLARE: %w", err)
+	}
 	cfg := Config{
 		AMQPURL:     getenv("AMQP_URL"),
 		HTTPAddr:    getenv("HTTP_ADDR"),
@@ -111,6 +115,7 @@ func configFromEnv(getenv func(string) string) (Config, error) {
 		Topology: broker.Topology{
 			EventsExchange:   getenv("EVENTS_EXCHANGE"),
 			CommandsExchange: getenv("COMMANDS_EXCHANGE"),
+			Passive:          passive,
 		},
 		Logger: slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
 	}
