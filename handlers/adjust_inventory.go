@@ -11,7 +11,7 @@ import (
 
 // AdjustInventoryHandler adds stock (add_inventory) or removes it
 // (reduce_inventory, which lands in out_of_stock when nothing is left).
-type AdjustInventoryHandler struct{ repo *Repository }
+type AdjustInventoryHandler struct{ repo Repository }
 
 // Handle implements the command. Precedence (DESIGN §4): invalid input,
 // unknown product, stale If-Match, discontinued, below zero.

@@ -9,7 +9,7 @@ import (
 
 // CreateProductHandler creates a product: create, then add_inventory when
 // there is initial inventory, both in one transaction (versions 1 and 2).
-type CreateProductHandler struct{ repo *Repository }
+type CreateProductHandler struct{ repo Repository }
 
 // Handle implements the command.
 func (h CreateProductHandler) Handle(ctx context.Context, cmd *commands.CreateProduct) (*Product, error) {

@@ -9,7 +9,7 @@ import (
 
 // DiscontinueProductHandler retires a product. It is idempotent: a
 // discontinued product is returned as it is, with no new event.
-type DiscontinueProductHandler struct{ repo *Repository }
+type DiscontinueProductHandler struct{ repo Repository }
 
 // Handle implements the command.
 func (h DiscontinueProductHandler) Handle(ctx context.Context, cmd *commands.DiscontinueProduct) (*Product, error) {

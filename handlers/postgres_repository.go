@@ -3,7 +3,6 @@ package handlers
 import (
 	"context"
 	"embed"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -27,15 +26,15 @@ func Migrations() pgstore.MigrationSet {
 	return pgstore.MigrationSet{Name: "products", FS: sub, LockID: 0x57a7e0002}
 }
 
-// Repository loads and saves products. Every change goes through Create or
-// Update: one transaction that changes the row, appends one history row and
-// one outbox message per transition, and commits them together.
-type Repository struct {
+// PostgresRepository is the Repository on PostgreSQL.
+type PostgresRepository struct {
 	store *pgstore.Store
 }
 
-// NewRepository returns a Repository over store.
-func NewRepository(store *pgstore.Store) *Repository { return &Repository{store: store} }
+// NewPostgresRepository returns a Repository over store.
+func NewPostgresRepository(store *pgstore.Store) *PostgresRepository {
+	return &PostgresRepository{store: store}
+}
 
 const productColumns = `id, name, price, inventory, state, version, created_at, updated_at`
 
@@ -50,7 +49,7 @@ func scanProduct(row pgx.Row) (*Product, error) {
 }
 
 // Create saves a new product that build returns, with its transitions.
-func (r *Repository) Create(ctx context.Context, idem commands.Idempotency, build func() (*Product, error)) (*Product, error) {
+func (r *PostgresRepository) Create(ctx context.Context, idem commands.Idempotency, build func() (*Product, error)) (*Product, error) {
 	var saved *Product
 	err := r.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
 		if done, err := recall(ctx, tx, idem, &saved); done || err != nil {
@@ -86,7 +85,7 @@ func (r *Repository) Create(ctx context.Context, idem commands.Idempotency, buil
 // the transaction has an xid, and then on the row lock; so their xids, and
 // the relay's publishing order, follow lock order. When fn fires nothing,
 // nothing is written.
-func (r *Repository) Update(ctx context.Context, id string, idem commands.Idempotency, fn func(p *Product) error) (*Product, error) {
+func (r *PostgresRepository) Update(ctx context.Context, id string, idem commands.Idempotency, fn func(p *Product) error) (*Product, error) {
 	if uuid.Validate(id) != nil {
 		return nil, notFound(id)
 	}
@@ -129,7 +128,7 @@ func (r *Repository) Update(ctx context.Context, id string, idem commands.Idempo
 }
 
 // Get returns one product.
-func (r *Repository) Get(ctx context.Context, id string) (*Product, error) {
+func (r *PostgresRepository) Get(ctx context.Context, id string) (*Product, error) {
 	if uuid.Validate(id) != nil {
 		return nil, notFound(id)
 	}
@@ -144,7 +143,7 @@ func (r *Repository) Get(ctx context.Context, id string) (*Product, error) {
 }
 
 // List returns up to limit products ordered by id, after the id after ("" for the first page).
-func (r *Repository) List(ctx context.Context, after string, limit int) ([]*Product, error) {
+func (r *PostgresRepository) List(ctx context.Context, after string, limit int) ([]*Product, error) {
 	if after == "" {
 		after = uuid.Nil.String()
 	} else if uuid.Validate(after) != nil {
@@ -162,49 +161,9 @@ func (r *Repository) List(ctx context.Context, after string, limit int) ([]*Prod
 }
 
 // History returns a product's transitions in order.
-func (r *Repository) History(ctx context.Context, id string) ([]envelope.Event, error) {
+func (r *PostgresRepository) History(ctx context.Context, id string) ([]envelope.Event, error) {
 	if _, err := r.Get(ctx, id); err != nil {
 		return nil, err
 	}
 	return r.store.History(ctx, events.EntityType, id)
-}
-
-// recall looks for the outcome of an earlier command with the same
-// idempotency key; done reports that it was found and put in *saved.
-func recall(ctx context.Context, tx *pgstore.Tx, idem commands.Idempotency, saved **Product) (done bool, err error) {
-	if idem.Key == "" {
-		return false, nil
-	}
-	o, found, err := tx.Recall(ctx, idem.Key)
-	if err != nil || !found {
-		return false, err
-	}
-	if o.Fingerprint != idem.Fingerprint {
-		return true, ErrKeyReused
-	}
-	p := new(Product)
-	if err := json.Unmarshal(o.Response, p); err != nil {
-		return true, fmt.Errorf("recalled outcome: %w", err)
-	}
-	*saved = p
-	return true, nil
-}
-
-// remember records the command's outcome under its idempotency key.
-func remember(ctx context.Context, tx *pgstore.Tx, idem commands.Idempotency, p *Product) error {
-	if idem.Key == "" {
-		return nil
-	}
-	body, err := json.Marshal(p)
-	if err != nil {
-		return fmt.Errorf("outcome: %w", err)
-	}
-	return tx.Remember(ctx, idem.Key, pgstore.Outcome{Fingerprint: idem.Fingerprint, Response: body})
-}
-
-// ErrKeyReused refuses an idempotency key that an earlier, different request used.
-var ErrKeyReused = apperr.Field("Idempotency-Key", "was used for a different request")
-
-func notFound(id string) error {
-	return apperr.Errorf(apperr.NotFound, "product %q not found", id)
 }

@@ -10,7 +10,7 @@ import (
 )
 
 // Register puts every Product command handler on bus.
-func Register(bus *commandbus.Bus, repo *Repository) error {
+func Register(bus *commandbus.Bus, repo Repository) error {
 	return errors.Join(
 		commandbus.Handle(bus, CreateProductHandler{repo}.Handle),
 		commandbus.Handle(bus, AdjustInventoryHandler{repo}.Handle),

@@ -2,21 +2,23 @@ package pgstore
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/statemill/statemill/infra/store"
 )
 
-// Outcome is what a command sent with an idempotency key answered: the
-// fingerprint of the request (so a key reused for another request is
-// caught) and the response.
-type Outcome struct {
-	Fingerprint string
-	Response    json.RawMessage
-}
+// Outcome is store.Outcome, kept under this name for existing callers.
+type Outcome = store.Outcome
+
+var (
+	_ store.Idempotent = (*Tx)(nil)
+	_ store.Locker     = (*Tx)(nil)
+	_ store.Recaller   = (*Store)(nil)
+)
 
 // Recall serialises the commands that carry key (an advisory lock, which
 // takes no xid, held to the end of the transaction) and returns the outcome

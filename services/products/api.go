@@ -25,7 +25,7 @@ import (
 // reads go straight to the repository.
 type api struct {
 	bus     *commandbus.Bus
-	repo    *handlers.Repository
+	repo    handlers.Repository
 	replays *replay.Responder
 }
 

@@ -96,7 +96,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	repo := handlers.NewRepository(pgstore.New(pool, wlog))
+	repo := handlers.NewPostgresRepository(pgstore.New(pool, wlog))
 	if err := handlers.Register(bus, repo); err != nil {
 		return err
 	}
