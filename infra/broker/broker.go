@@ -103,7 +103,7 @@ func missing(kind, name string, err error) error {
 // exchange exists, whatever its type and arguments, and needs no
 // permission. A missing exchange is a *MissingError; like any channel
 // exception it closes ch.
-func CheckExchange(ch *amqp091.Channel, name string) error {
+func CheckExchange(ch Channel, name string) error {
 	if err := ch.ExchangeDeclarePassive(name, amqp091.ExchangeTopic, true, false, false, false, nil); err != nil {
 		return missing("exchange", name, err)
 	}
@@ -112,7 +112,7 @@ func CheckExchange(ch *amqp091.Channel, name string) error {
 
 // CheckQueue declares queue name passively, as CheckExchange does an
 // exchange, and returns its message and consumer counts.
-func CheckQueue(ch *amqp091.Channel, name string) (amqp091.Queue, error) {
+func CheckQueue(ch Channel, name string) (amqp091.Queue, error) {
 	q, err := ch.QueueDeclarePassive(name, true, false, false, false, nil)
 	if err != nil {
 		return q, missing("queue", name, err)
@@ -124,7 +124,7 @@ func CheckQueue(ch *amqp091.Channel, name string) (amqp091.Queue, error) {
 // service runs it at start. With least-privilege users a definitions file
 // declares the same objects instead, and t.Passive makes DeclareShared only
 // check that they exist (see CheckExchange).
-func DeclareShared(ch *amqp091.Channel, t Topology) error {
+func DeclareShared(ch Channel, t Topology) error {
 	if err := t.Validate(); err != nil {
 		return err
 	}
@@ -181,7 +181,7 @@ func Connect(url string, logger watermill.LoggerAdapter) (*amqp.ConnectionWrappe
 }
 
 // WithChannel runs fn on a fresh channel of conn and closes it afterwards.
-func WithChannel(conn *amqp.ConnectionWrapper, fn func(ch *amqp091.Channel) error) error {
+func WithChannel(conn *amqp.ConnectionWrapper, fn func(ch Channel) error) error {
 	if !conn.IsConnected() {
 		return errors.New("broker: not connected")
 	}
@@ -190,7 +190,7 @@ func WithChannel(conn *amqp.ConnectionWrapper, fn func(ch *amqp091.Channel) erro
 		return fmt.Errorf("broker: open channel: %w", err)
 	}
 	defer ch.Close()
-	return fn(ch)
+	return fn(WrapAMQPChannel(ch))
 }
 
 // passiveExchange is a TopologyBuilder that never redeclares the exchange

@@ -47,7 +47,7 @@ func declared(t *testing.T) (*amqp091.Channel, broker.Topology, string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := broker.DeclareShared(ch, topo); err != nil {
+		if err := broker.DeclareShared(broker.WrapAMQPChannel(ch), topo); err != nil {
 			t.Fatalf("DeclareShared #%d: %v", i+1, err)
 		}
 		if err := ch.Close(); err != nil {

@@ -54,7 +54,7 @@ func TestDeclareSharedPassive(t *testing.T) {
 		return ch
 	}
 
-	err = broker.DeclareShared(channel(), passive)
+	err = broker.DeclareShared(broker.WrapAMQPChannel(channel()), passive)
 	var me *broker.MissingError
 	if !errors.As(err, &me) {
 		t.Fatalf("passive DeclareShared of a topology nobody declared: %v, want a *broker.MissingError", err)
@@ -73,11 +73,11 @@ func TestDeclareSharedPassive(t *testing.T) {
 	}
 	// Nothing was declared: a passive check of each object still fails.
 	for _, x := range []string{topo.UnroutableExchange(), topo.EventsExchange, topo.CommandsExchange} {
-		if err := broker.CheckExchange(channel(), x); !errors.As(err, &me) {
+		if err := broker.CheckExchange(broker.WrapAMQPChannel(channel()), x); !errors.As(err, &me) {
 			t.Errorf("exchange %s exists after a passive DeclareShared (%v)", x, err)
 		}
 	}
-	if _, err := broker.CheckQueue(channel(), topo.UnroutableQueue()); !errors.As(err, &me) || me.Kind != "queue" || me.Name != topo.UnroutableQueue() {
+	if _, err := broker.CheckQueue(broker.WrapAMQPChannel(channel()), topo.UnroutableQueue()); !errors.As(err, &me) || me.Kind != "queue" || me.Name != topo.UnroutableQueue() {
 		t.Errorf("queue %s: %v, want a *broker.MissingError for it", topo.UnroutableQueue(), err)
 	}
 
@@ -89,17 +89,17 @@ func TestDeclareSharedPassive(t *testing.T) {
 	if _, err := ch.QueueDeclare(topo.UnroutableQueue(), true, false, false, false, nil); err != nil {
 		t.Fatal(err)
 	}
-	err = broker.DeclareShared(channel(), passive)
+	err = broker.DeclareShared(broker.WrapAMQPChannel(channel()), passive)
 	if !errors.As(err, &me) || me.Name != topo.EventsExchange {
 		t.Errorf("passive DeclareShared without %s: %v, want a *broker.MissingError naming it", topo.EventsExchange, err)
 	}
 
-	if err := broker.DeclareShared(channel(), topo); err != nil {
+	if err := broker.DeclareShared(broker.WrapAMQPChannel(channel()), topo); err != nil {
 		t.Fatalf("DeclareShared: %v", err)
 	}
 	ch = channel()
 	for i := range 2 {
-		if err := broker.DeclareShared(ch, passive); err != nil {
+		if err := broker.DeclareShared(broker.WrapAMQPChannel(ch), passive); err != nil {
 			t.Fatalf("passive DeclareShared #%d after a declare: %v", i+1, err)
 		}
 	}
@@ -119,7 +119,7 @@ func TestDeclareSharedPassive(t *testing.T) {
 			return false
 		}
 		defer ch.Close()
-		q, err := broker.CheckQueue(ch, topo.UnroutableQueue())
+		q, err := broker.CheckQueue(broker.WrapAMQPChannel(ch), topo.UnroutableQueue())
 		n = q.Messages
 		return err == nil && n == 1
 	}) {

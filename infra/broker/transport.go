@@ -109,6 +109,10 @@ func Dial(url, name string) (Conn, error) {
 // WrapAMQP adapts a connection made with amqp091 directly (a test's, say).
 func WrapAMQP(conn *amqp091.Connection) Conn { return &amqpConn{conn: conn} }
 
+// WrapAMQPChannel adapts a channel opened with amqp091 directly, for the
+// helpers that take a Channel (DeclareShared, CheckQueue).
+func WrapAMQPChannel(ch *amqp091.Channel) Channel { return &amqpChannel{Channel: ch} }
+
 type amqpConn struct{ conn *amqp091.Connection }
 
 func (c *amqpConn) Channel() (Channel, error) {

@@ -16,7 +16,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
-	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
@@ -170,7 +169,7 @@ func TestSecondEntityThroughTheWholeFramework(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	if err := broker.WithChannel(conn, func(ch *amqp091.Channel) error { return broker.DeclareShared(ch, topo) }); err != nil {
+	if err := broker.WithChannel(conn, func(ch broker.Channel) error { return broker.DeclareShared(ch, topo) }); err != nil {
 		t.Fatal(err)
 	}
 	pub, err := broker.NewPublisher(conn, broker.PublisherConfig{Exchange: topo.EventsExchange}, wlog)

@@ -234,7 +234,7 @@ func newEnv(t testing.TB, durableQueue bool) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := broker.DeclareShared(ch, topo); err != nil {
+	if err := broker.DeclareShared(broker.WrapAMQPChannel(ch), topo); err != nil {
 		t.Fatalf("DeclareShared: %v", err)
 	}
 	if _, err := ch.QueueDeclare(queue, durableQueue, false, false, false, nil); err != nil {

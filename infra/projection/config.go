@@ -55,6 +55,10 @@ type Config struct {
 	Pool *pgxpool.Pool
 	// AMQPURL is the broker.
 	AMQPURL string
+	// Dial opens the worker's broker connection, and again after it is
+	// lost; default broker.AMQPDialer(AMQPURL). The embedded mode passes
+	// the in-process broker's.
+	Dial broker.Dialer
 	// Topology names the shared exchanges (defaults filled in).
 	Topology broker.Topology
 	// Schema is the PostgreSQL schema of StateTable and ProgressTable;
@@ -85,6 +89,9 @@ type Config struct {
 // withDefaults returns c with the empty fields filled in.
 func (c Config) withDefaults() Config {
 	c.Topology = c.Topology.WithDefaults()
+	if c.Dial == nil && c.AMQPURL != "" {
+		c.Dial = broker.AMQPDialer(c.AMQPURL)
+	}
 	if c.Schema == "" {
 		c.Schema = c.Name
 	}
@@ -140,8 +147,8 @@ func (c Config) Validate() error {
 	if c.Pool == nil {
 		f.Add("pool", "is required")
 	}
-	if c.AMQPURL == "" {
-		f.Add("amqp_url", "is required")
+	if c.Dial == nil {
+		f.Add("amqp_url", "is required (or Dial)")
 	}
 	if err := c.Topology.Validate(); err != nil {
 		f.Add("topology", err.Error())

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
+	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
 	"github.com/statemill/statemill/infra/replay"
 )
@@ -26,8 +27,8 @@ var errDeliveriesClosed = errors.New("projection: deliveries closed")
 // at most BatchDelay after the first one, and hands each batch to handle.
 // It returns nil when ctx is done (after the batch in flight) and
 // errDeliveriesClosed when the channel closes.
-func (w *Worker) consumeLoop(ctx context.Context, ch *amqp091.Channel, deliveries <-chan amqp091.Delivery,
-	handle func(context.Context, *amqp091.Channel, []amqp091.Delivery)) error {
+func (w *Worker) consumeLoop(ctx context.Context, ch broker.Channel, deliveries <-chan amqp091.Delivery,
+	handle func(context.Context, broker.Channel, []amqp091.Delivery)) error {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
@@ -77,7 +78,7 @@ type item struct {
 
 // handleLive applies a batch from N.live to the active generation (and to
 // the shadow while a rebuild runs).
-func (w *Worker) handleLive(ctx context.Context, ch *amqp091.Channel, batch []amqp091.Delivery) {
+func (w *Worker) handleLive(ctx context.Context, ch broker.Channel, batch []amqp091.Delivery) {
 	start := time.Now()
 	items := make([]item, 0, len(batch))
 	for _, d := range batch {
@@ -106,7 +107,7 @@ func (w *Worker) handleLive(ctx context.Context, ch *amqp091.Channel, batch []am
 // handleReplay applies a batch from N.replay: events of r's replays to r's
 // target generation, markers to r's progress; deliveries of other replays
 // are stale and dropped.
-func (w *Worker) handleReplay(ctx context.Context, ch *amqp091.Channel, r *run, source string, batch []amqp091.Delivery) {
+func (w *Worker) handleReplay(ctx context.Context, ch broker.Channel, r *run, source string, batch []amqp091.Delivery) {
 	start := time.Now()
 	var items []item
 	var settled []amqp091.Delivery // acked without applying: markers, stale
@@ -213,7 +214,7 @@ func markerOf(routingKey string) string {
 // refuses (poisoned) and applies the others. done is false when it stopped
 // early (the worker is stopping, or the channel closed): the items that are
 // neither applied nor poisoned stay unacknowledged.
-func (w *Worker) applyAll(ctx context.Context, ch *amqp091.Channel, items []item, what string,
+func (w *Worker) applyAll(ctx context.Context, ch broker.Channel, items []item, what string,
 	apply func(context.Context, []envelope.Event) error) (applied, poisoned []item, done bool) {
 	if len(items) == 0 {
 		return nil, nil, true
@@ -273,7 +274,7 @@ func deliveriesOf(items []item) []amqp091.Delivery {
 // multiple=true of the highest tag covers them; otherwise each is acked.
 // A failed ack (the channel closed) is harmless: the broker redelivers and
 // the version check absorbs the repeat.
-func (w *Worker) ack(ch *amqp091.Channel, ds []amqp091.Delivery, batchSettled bool) {
+func (w *Worker) ack(ch broker.Channel, ds []amqp091.Delivery, batchSettled bool) {
 	if len(ds) == 0 {
 		return
 	}
@@ -297,7 +298,7 @@ func (w *Worker) ack(ch *amqp091.Channel, ds []amqp091.Delivery, batchSettled bo
 
 // deadLetter rejects d without requeueing: the queue's dead-letter exchange
 // routes it to N.dead.
-func (w *Worker) deadLetter(ch *amqp091.Channel, d amqp091.Delivery, reason error) {
+func (w *Worker) deadLetter(ch broker.Channel, d amqp091.Delivery, reason error) {
 	if err := ch.Nack(d.DeliveryTag, false, false); err != nil {
 		w.log.Warn("dead-lettering failed; the broker will redeliver", "message_id", d.MessageId, "err", err)
 		return

@@ -22,6 +22,7 @@ import (
 	"github.com/statemill/statemill/infra/apperr"
 	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
+	"github.com/statemill/statemill/infra/membroker"
 	"github.com/statemill/statemill/infra/pgstore"
 	"github.com/statemill/statemill/infra/projection"
 	"github.com/statemill/statemill/infra/replay"
@@ -203,18 +204,41 @@ type env struct {
 	t       testing.TB
 	dbURL   string
 	db      *pgxpool.Pool
-	amqpURL string
+	amqpURL string        // RabbitMQ; "" on the in-process broker
+	dial    broker.Dialer // the in-process broker's; nil on RabbitMQ (workers dial AMQPURL)
 	ns      string
 	topo    broker.Topology
 
 	pubMu sync.Mutex
-	pub   *amqp091.Channel // confirm mode
-	conn  *amqp091.Connection
+	pub   broker.Channel // confirm mode
+	conn  broker.Conn
 
 	requests chan replay.Request // what the fake replay producer received
 }
 
-func newEnv(t testing.TB) *env {
+// newEnv is an environment on RabbitMQ.
+func newEnv(t testing.TB) *env { return newEnvOn(t, false) }
+
+// newMemEnv is an environment on the in-process broker of the embedded
+// mode (membroker); the read model is still PostgreSQL.
+func newMemEnv(t testing.TB) *env { return newEnvOn(t, true) }
+
+// onEachBroker runs test in parallel on RabbitMQ and on the in-process
+// broker, each with an environment of its own.
+func onEachBroker(t *testing.T, test func(t *testing.T, e *env)) {
+	t.Parallel()
+	for _, b := range []struct {
+		name   string
+		newEnv func(testing.TB) *env
+	}{{"rabbitmq", newEnv}, {"inprocess", newMemEnv}} {
+		t.Run(b.name, func(t *testing.T) {
+			t.Parallel()
+			test(t, b.newEnv(t))
+		})
+	}
+}
+
+func newEnvOn(t testing.TB, inProcess bool) *env {
 	t.Helper()
 	ctx := testCtx(t)
 	e := &env{t: t, dbURL: sandbox.Postgres(t), requests: make(chan replay.Request, 16)}
@@ -225,12 +249,25 @@ func newEnv(t testing.TB) *env {
 		t.Fatal(err)
 	}
 
-	e.amqpURL, e.ns = sandbox.Broker(t)
+	if inProcess {
+		mb, err := membroker.New(membroker.Config{Logger: testLogger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = mb.Close() })
+		e.dial, e.ns = mb.Dialer(), sandbox.Name("t")
+	} else {
+		e.amqpURL, e.ns = sandbox.Broker(t)
+	}
 	e.topo = broker.Topology{EventsExchange: e.ns + ".events", CommandsExchange: e.ns + ".commands"}
 	requestQueue := e.ns + ".replay_requests"
-	sandbox.DeleteLater(t, []string{e.topo.UnroutableQueue(), requestQueue},
+	e.deleteLater(t, []string{e.topo.UnroutableQueue(), requestQueue},
 		[]string{e.topo.EventsExchange, e.topo.CommandsExchange, e.topo.UnroutableExchange()})
-	conn, err := amqp091.Dial(e.amqpURL)
+	dial := e.dial
+	if dial == nil {
+		dial = broker.AMQPDialer(e.amqpURL)
+	}
+	conn, err := dial("projection test " + e.ns)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,6 +313,15 @@ func newEnv(t testing.TB) *env {
 	return e
 }
 
+// deleteLater deletes RabbitMQ objects when t ends; the in-process broker
+// goes as a whole.
+func (e *env) deleteLater(t testing.TB, queues, exchanges []string) {
+	t.Helper()
+	if e.dial == nil {
+		sandbox.DeleteLater(t, queues, exchanges)
+	}
+}
+
 func openPool(t testing.TB, dbURL string, maxConns int32) *pgxpool.Pool {
 	t.Helper()
 	pool, err := pgstore.Open(testCtx(t), pgstore.PoolConfig{URL: dbURL, MaxConns: maxConns})
@@ -307,21 +353,26 @@ func (e *env) publish(t testing.TB, msgs ...msg) {
 	e.pubMu.Lock()
 	defer e.pubMu.Unlock()
 	ctx := testCtx(t)
-	var confirms []*amqp091.DeferredConfirmation
+	var confirms []broker.Confirmation
 	for _, m := range msgs {
 		m.p.DeliveryMode = amqp091.Persistent
 		if m.p.ContentType == "" {
 			m.p.ContentType = "application/json"
 		}
-		dc, err := e.pub.PublishWithDeferredConfirmWithContext(ctx, e.topo.EventsExchange, m.key, false, false, m.p)
+		dc, err := e.pub.Publish(ctx, e.topo.EventsExchange, m.key, false, m.p)
 		if err != nil {
 			t.Fatalf("publish %s: %v", m.key, err)
 		}
 		confirms = append(confirms, dc)
 	}
 	for _, dc := range confirms {
-		if ok, err := dc.WaitContext(ctx); err != nil || !ok {
-			t.Fatalf("publish not confirmed: ok=%v err=%v", ok, err)
+		select {
+		case <-dc.Done():
+		case <-ctx.Done():
+			t.Fatalf("publish not confirmed: %v", ctx.Err())
+		}
+		if !dc.Acked() {
+			t.Fatal("publish not confirmed: nacked")
 		}
 	}
 }
@@ -411,7 +462,7 @@ func (e *env) startWorker(t testing.TB, name string, opts ...workerOpt) *testWor
 	if name == "" {
 		name = sandbox.Name("w")
 	}
-	sandbox.DeleteLater(t, []string{name + ".live", name + ".replay", name + ".dead"}, []string{name + ".dead"})
+	e.deleteLater(t, []string{name + ".live", name + ".replay", name + ".dead"}, []string{name + ".dead"})
 	reg := prometheus.NewRegistry()
 	proj := newWidgets()
 	cfg := projection.Config{
@@ -420,6 +471,7 @@ func (e *env) startWorker(t testing.TB, name string, opts ...workerOpt) *testWor
 		Projection:     proj,
 		Pool:           openPool(t, e.dbURL, 3),
 		AMQPURL:        e.amqpURL,
+		Dial:           e.dial,
 		Topology:       e.topo,
 		RebuildTimeout: waitFor,
 		Logger:         testLogger(t),
@@ -600,24 +652,36 @@ func (e *env) drain(t testing.TB, queue string, n int) []amqp091.Delivery {
 		t.Fatal(err)
 	}
 	defer ch.Close()
+	// Consumed with automatic acks rather than basic.get, which the
+	// in-process broker does not implement.
+	deliveries, err := ch.Consume(queue, "", true, false, false, false, nil)
+	if err != nil {
+		t.Fatalf("consume %s: %v", queue, err)
+	}
 	var got []amqp091.Delivery
-	eventually(t, waitFor, "messages in "+queue, func() string {
-		for {
-			d, ok, err := ch.Get(queue, true)
-			if err != nil {
-				t.Fatalf("get %s: %v", queue, err)
-			}
+	timeout := time.After(waitFor)
+	for len(got) < n {
+		select {
+		case d, ok := <-deliveries:
 			if !ok {
-				break
+				t.Fatalf("consumer of %s closed after %d of %d messages", queue, len(got), n)
 			}
 			got = append(got, d)
+		case <-timeout:
+			t.Fatalf("messages in %s: not within %s: %d of %d", queue, waitFor, len(got), n)
 		}
-		if len(got) < n {
-			return fmt.Sprintf("%d of %d", len(got), n)
+	}
+	for { // and any more that are there
+		select {
+		case d, ok := <-deliveries:
+			if ok {
+				got = append(got, d)
+				continue
+			}
+		case <-time.After(100 * time.Millisecond):
 		}
-		return ""
-	})
-	return got
+		return got
+	}
 }
 
 // hostPort returns the host:port of a URL.

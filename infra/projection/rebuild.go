@@ -292,7 +292,7 @@ func (w *Worker) begin(ctx context.Context, r *run) (err error) {
 // and empties it of earlier replays' leftovers. With Topology.Passive the
 // definitions file holds the queue and its bindings: it only checks that
 // the queue exists and purges it (the purge needs read permission only).
-func (w *Worker) purgeReplay(conn *amqp091.Connection) error {
+func (w *Worker) purgeReplay(conn broker.Conn) error {
 	ch, err := conn.Channel()
 	if err != nil {
 		return err
@@ -324,7 +324,7 @@ func (w *Worker) purgeReplay(conn *amqp091.Connection) error {
 // exchange, with publisher confirms, as mandatory messages: a request no
 // queue is bound for comes back, and the run fails at once instead of
 // waiting for its timeout.
-func (w *Worker) request(ctx context.Context, conn *amqp091.Connection, r *run, after map[string]string) error {
+func (w *Worker) request(ctx context.Context, conn broker.Conn, r *run, after map[string]string) error {
 	ch, err := conn.Channel()
 	if err != nil {
 		return apperr.Wrap(apperr.Unavailable, err, "cannot open a broker channel")
@@ -336,7 +336,7 @@ func (w *Worker) request(ctx context.Context, conn *amqp091.Connection, r *run, 
 	returns := ch.NotifyReturn(make(chan amqp091.Return, len(r.ids)))
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	var confirms []*amqp091.DeferredConfirmation
+	var confirms []broker.Confirmation
 	for i, et := range w.cfg.EntityTypes {
 		req := replay.Request{ReplayID: r.ids[i], Prefix: w.cfg.Name, EntityType: et, After: after[et], Mode: replay.Full}
 		if err := req.Normalize(w.cfg.EntityTypes); err != nil {
@@ -346,7 +346,7 @@ func (w *Worker) request(ctx context.Context, conn *amqp091.Connection, r *run, 
 		if err != nil {
 			return err
 		}
-		dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, w.cfg.Topology.CommandsExchange, replay.RequestRoutingKey, true, false,
+		dc, err := ch.Publish(ctx, w.cfg.Topology.CommandsExchange, replay.RequestRoutingKey, true,
 			amqp091.Publishing{
 				ContentType:  "application/json",
 				DeliveryMode: amqp091.Persistent,
@@ -361,7 +361,7 @@ func (w *Worker) request(ctx context.Context, conn *amqp091.Connection, r *run, 
 		confirms = append(confirms, dc)
 	}
 	for _, dc := range confirms {
-		ok, err := dc.WaitContext(ctx)
+		ok, err := waitConfirm(ctx, dc)
 		if err != nil {
 			return apperr.Wrap(apperr.Unavailable, err, "the broker did not confirm the replay request")
 		}
@@ -377,6 +377,17 @@ func (w *Worker) request(ctx context.Context, conn *amqp091.Connection, r *run, 
 	default:
 	}
 	return nil
+}
+
+// waitConfirm waits for the broker's answer to one publish: ok is false
+// when it nacked the message or the channel closed first; err is ctx's.
+func waitConfirm(ctx context.Context, c broker.Confirmation) (ok bool, err error) {
+	select {
+	case <-c.Done():
+		return c.Acked(), nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
 }
 
 // supervise waits for r to complete, time out or be stopped, then swaps

@@ -71,9 +71,9 @@ func (r *reader) finish() {
 	<-r.done
 }
 
-func TestRebuildWithoutDowntime(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestRebuildWithoutDowntime(t *testing.T) { onEachBroker(t, testRebuildWithoutDowntime) }
+
+func testRebuildWithoutDowntime(t *testing.T, e *env) {
 	w := e.startWorker(t, "")
 
 	// The live model: 20 widgets at version 2.
@@ -222,8 +222,10 @@ func TestRebuildWithoutDowntime(t *testing.T) {
 }
 
 func TestRebuildTimeoutKeepsTheLiveModel(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testRebuildTimeoutKeepsTheLiveModel)
+}
+
+func testRebuildTimeoutKeepsTheLiveModel(t *testing.T, e *env) {
 	w := e.startWorker(t, "", withTimeout(1500*time.Millisecond))
 	var live []envelope.Event
 	for i := range 10 {
@@ -293,8 +295,10 @@ func TestRebuildTimeoutKeepsTheLiveModel(t *testing.T) {
 }
 
 func TestRebuildIsExclusiveAcrossProcesses(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testRebuildIsExclusiveAcrossProcesses)
+}
+
+func testRebuildIsExclusiveAcrossProcesses(t *testing.T, e *env) {
 	a := e.startWorker(t, "")
 	b := e.startWorker(t, a.name) // a second process of the same projection
 	var live []envelope.Event
@@ -349,9 +353,9 @@ func TestRebuildIsExclusiveAcrossProcesses(t *testing.T) {
 	}
 }
 
-func TestCatchUpAfterAbsence(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestCatchUpAfterAbsence(t *testing.T) { onEachBroker(t, testCatchUpAfterAbsence) }
+
+func testCatchUpAfterAbsence(t *testing.T, e *env) {
 	// A new projection fills itself from history on its first start.
 	w1 := e.startWorker(t, "", withRebuildOnFirstStart())
 	name := w1.name
@@ -423,9 +427,9 @@ func TestCatchUpAfterAbsence(t *testing.T) {
 	})
 }
 
-func TestCatchUpNeedsACursor(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestCatchUpNeedsACursor(t *testing.T) { onEachBroker(t, testCatchUpNeedsACursor) }
+
+func testCatchUpNeedsACursor(t *testing.T, e *env) {
 	w := e.startWorker(t, "")
 	if _, err := w.CatchUp(testCtx(t)); apperr.CodeOf(err) != apperr.Conflict {
 		t.Fatalf("CatchUp without a cursor: %v, want Conflict", err)
@@ -445,8 +449,10 @@ func TestCatchUpNeedsACursor(t *testing.T) {
 }
 
 func TestRebuildWithoutResponderFailsFast(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testRebuildWithoutResponderFailsFast)
+}
+
+func testRebuildWithoutResponderFailsFast(t *testing.T, e *env) {
 	sandbox.DeleteLater(t, nil, []string{e.ns + ".nobody-listens"})
 	w := e.startWorker(t, "", withConfig(func(c *projection.Config) {
 		c.Topology.CommandsExchange = e.ns + ".nobody-listens"
@@ -465,8 +471,10 @@ func TestRebuildWithoutResponderFailsFast(t *testing.T) {
 }
 
 func TestRebuildOnFirstStartWaitsForAResponder(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testRebuildOnFirstStartWaitsForAResponder)
+}
+
+func testRebuildOnFirstStartWaitsForAResponder(t *testing.T, e *env) {
 	commands := e.ns + ".late-commands"
 	sandbox.DeleteLater(t, nil, []string{commands})
 	// Nothing is bound to replay.request on this exchange yet: the
@@ -498,8 +506,10 @@ func TestRebuildOnFirstStartWaitsForAResponder(t *testing.T) {
 }
 
 func TestStopDuringRebuildKeepsTheLiveModel(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testStopDuringRebuildKeepsTheLiveModel)
+}
+
+func testStopDuringRebuildKeepsTheLiveModel(t *testing.T, e *env) {
 	w := e.startWorker(t, "")
 	live := widgetHistory("l", 2)
 	e.publishLive(t, live...)
@@ -541,8 +551,10 @@ func TestStopDuringRebuildKeepsTheLiveModel(t *testing.T) {
 }
 
 func TestInterruptedRebuildIsCleanedUpAtStart(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testInterruptedRebuildIsCleanedUpAtStart)
+}
+
+func testInterruptedRebuildIsCleanedUpAtStart(t *testing.T, e *env) {
 	w := e.startWorker(t, "")
 	live := widgetHistory("l", 1)
 	e.publishLive(t, live...)

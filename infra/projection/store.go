@@ -443,9 +443,13 @@ func (l *rebuildLock) alive(ctx context.Context) bool {
 	return l.conn.Ping(ctx) == nil
 }
 
-// release drops the lock by closing its connection.
+// release drops the lock and closes its connection. The unlock comes
+// first and is answered once the lock is free: closing alone frees it only
+// when the server's backend has exited, after Close returns, so a tryLock
+// right after (a Rebuild after a refused CatchUp) could still find it held.
 func (l *rebuildLock) release() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	_, _ = l.conn.Exec(ctx, `SELECT pg_advisory_unlock_all()`)
 	_ = l.conn.Close(ctx)
 }

@@ -64,6 +64,10 @@ type ViewConfig struct {
 	Projection MemoryProjection
 	// AMQPURL is the broker.
 	AMQPURL string
+	// Dial opens the view's broker connection, and again after it is lost;
+	// default broker.AMQPDialer(AMQPURL). The embedded mode passes the
+	// in-process broker's.
+	Dial broker.Dialer
 	// Topology names the shared exchanges (defaults filled in).
 	Topology broker.Topology
 	// QueueExpires is how long the queue outlives its last consumer (the
@@ -88,6 +92,9 @@ type ViewConfig struct {
 
 func (c ViewConfig) withDefaults() ViewConfig {
 	c.Topology = c.Topology.WithDefaults()
+	if c.Dial == nil && c.AMQPURL != "" {
+		c.Dial = broker.AMQPDialer(c.AMQPURL)
+	}
 	if c.QueueExpires == 0 {
 		c.QueueExpires = DefaultQueueExpires
 	}
@@ -131,8 +138,8 @@ func (c ViewConfig) Validate() error {
 	if c.Projection == nil {
 		f.Add("projection", "is required")
 	}
-	if c.AMQPURL == "" {
-		f.Add("amqp_url", "is required")
+	if c.Dial == nil {
+		f.Add("amqp_url", "is required (or Dial)")
 	}
 	if err := c.Topology.Validate(); err != nil {
 		f.Add("topology", err.Error())
@@ -203,7 +210,7 @@ type ViewStatus struct {
 // distinct events of the replay have arrived (the marker may overtake the
 // last of them).
 //
-// It consumes with amqp091-go directly, like Worker: batches of what the
+// It consumes through broker.Conn, like Worker: batches of what the
 // prefetch holds are applied and acked at once.
 type View struct {
 	cfg ViewConfig
@@ -219,6 +226,8 @@ type View struct {
 	reconnects atomic.Int64
 	reqFailed  atomic.Int64
 	lastEvent  atomic.Int64 // unix nanos of the newest applied event's occurred_at
+
+	refresh chan chan []string // Refresh's requests to the session; answered with the new replay ids
 
 	mu        sync.Mutex
 	connected bool
@@ -244,9 +253,10 @@ func NewView(c ViewConfig) (*View, error) {
 	c = c.withDefaults()
 	c.EntityTypes = slices.Clone(c.EntityTypes)
 	return &View{
-		cfg:   c,
-		log:   c.Logger.With("view", c.Prefix),
-		ready: make(chan struct{}),
+		cfg:     c,
+		log:     c.Logger.With("view", c.Prefix),
+		ready:   make(chan struct{}),
+		refresh: make(chan chan []string),
 	}, nil
 }
 
@@ -342,12 +352,7 @@ func (v *View) Run(ctx context.Context) error {
 // session runs one connection: declare, consume, reset, replay, apply.
 // consumed reports whether it got as far as consuming.
 func (v *View) session(ctx context.Context, first bool) (consumed bool, err error) {
-	conn, err := amqp091.DialConfig(v.cfg.AMQPURL, amqp091.Config{
-		Heartbeat:  10 * time.Second,
-		Locale:     "en_US",
-		Dial:       amqp091.DefaultDial(5 * time.Second),
-		Properties: amqp091.Table{"connection_name": "statemill view " + v.cfg.Prefix},
-	})
+	conn, err := v.cfg.Dial("statemill view " + v.cfg.Prefix)
 	if err != nil {
 		return false, fmt.Errorf("connect: %w", err)
 	}
@@ -430,6 +435,17 @@ func (v *View) session(ctx context.Context, first bool) (consumed bool, err erro
 				continue
 			}
 			deadline.Reset(v.cfg.ReplayTimeout)
+		case reply := <-v.refresh:
+			// A rebuild: start over from a new latest replay, as a new
+			// session does (the model is emptied, then refilled).
+			v.cfg.Projection.Reset()
+			v.newReplay()
+			v.report()
+			v.mu.Lock()
+			reply <- slices.Clone(v.cur.ids)
+			v.mu.Unlock()
+			deadline.Stop()
+			request.Reset(0)
 		case <-deadline.C:
 			if v.replayDone() {
 				continue
@@ -491,7 +507,7 @@ func closeErr(what string, e *amqp091.Error) error {
 // broker delete the queue after the instance is gone for good (stopped,
 // killed, or partitioned away), so nothing leaks, while a short outage
 // finds it still there.
-func (v *View) declare(conn *amqp091.Connection) error {
+func (v *View) declare(conn broker.Conn) error {
 	ch, err := conn.Channel()
 	if err != nil {
 		return fmt.Errorf("open channel: %w", err)
@@ -530,6 +546,34 @@ func (v *View) newReplay() {
 	v.mu.Unlock()
 }
 
+// Refresh empties the model and fills it again from a new latest replay,
+// while live events keep coming: the view's rebuild. It returns the new
+// replay's id (ids joined by commas with several entity types), or
+// apperr.Unavailable while the view is not connected.
+func (v *View) Refresh(ctx context.Context) (string, error) {
+	v.mu.Lock()
+	connected := v.connected
+	v.mu.Unlock()
+	if !connected {
+		return "", apperr.Errorf(apperr.Unavailable, "the view is not connected to the broker")
+	}
+	// Bounded: the session may end between the check and the hand-over.
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	reply := make(chan []string, 1)
+	select {
+	case v.refresh <- reply:
+	case <-ctx.Done():
+		return "", apperr.Wrap(apperr.Unavailable, ctx.Err(), "the view is not connected to the broker")
+	}
+	select {
+	case ids := <-reply:
+		return strings.Join(ids, ","), nil
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
+}
+
 func (v *View) replayDone() bool {
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -539,7 +583,7 @@ func (v *View) replayDone() bool {
 // request publishes the current replay's requests, one per entity type, to
 // the commands exchange: persistent, mandatory (a request no responder's
 // queue is bound for comes back, instead of vanishing) and confirmed.
-func (v *View) request(ctx context.Context, conn *amqp091.Connection) error {
+func (v *View) request(ctx context.Context, conn broker.Conn) error {
 	v.mu.Lock()
 	ids := slices.Clone(v.cur.ids)
 	v.mu.Unlock()
@@ -555,7 +599,7 @@ func (v *View) request(ctx context.Context, conn *amqp091.Connection) error {
 	returns := ch.NotifyReturn(make(chan amqp091.Return, len(ids)))
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	confirms := make([]*amqp091.DeferredConfirmation, 0, len(ids))
+	confirms := make([]broker.Confirmation, 0, len(ids))
 	for i, et := range v.cfg.EntityTypes {
 		req := replay.Request{ReplayID: ids[i], Prefix: v.cfg.Prefix, EntityType: et, Mode: replay.Latest}
 		if err := req.Normalize(v.cfg.EntityTypes); err != nil {
@@ -568,14 +612,14 @@ func (v *View) request(ctx context.Context, conn *amqp091.Connection) error {
 		p := amqp091.Publishing{Body: body}
 		broker.SetMessageProperties(&p, req.ReplayID, req.ReplayID)
 		p.Headers[envelope.HeaderCorrelationID] = req.ReplayID
-		dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, v.cfg.Topology.CommandsExchange, replay.RequestRoutingKey, true, false, p)
+		dc, err := ch.Publish(ctx, v.cfg.Topology.CommandsExchange, replay.RequestRoutingKey, true, p)
 		if err != nil {
 			return fmt.Errorf("publish the replay request: %w", err)
 		}
 		confirms = append(confirms, dc)
 	}
 	for _, dc := range confirms {
-		ok, err := dc.WaitContext(ctx)
+		ok, err := waitConfirm(ctx, dc)
 		if err != nil {
 			return fmt.Errorf("the broker did not confirm the replay request: %w", err)
 		}
@@ -597,7 +641,7 @@ func (v *View) request(ctx context.Context, conn *amqp091.Connection) error {
 // view's prefix: markers update the replay's progress, events of the
 // current replay are applied, events of other replays are stale. It
 // reports whether the current replay completed with this batch.
-func (v *View) handle(ch *amqp091.Channel, batch []amqp091.Delivery) (completed bool) {
+func (v *View) handle(ch broker.Channel, batch []amqp091.Delivery) (completed bool) {
 	events := make([]envelope.Event, 0, len(batch))
 	replayPrefix := v.cfg.Prefix + "."
 	v.mu.Lock()

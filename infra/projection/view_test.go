@@ -89,13 +89,14 @@ func (e *env) startView(t testing.TB, opts ...func(*projection.ViewConfig)) (*te
 	if err != nil {
 		t.Fatal(err)
 	}
-	sandbox.DeleteLater(t, []string{prefix}, nil)
+	e.deleteLater(t, []string{prefix}, nil)
 	tv := &testView{prefix: prefix, proj: newMemWidgets()}
 	cfg := projection.ViewConfig{
 		Prefix:      prefix,
 		EntityTypes: []string{"widget"},
 		Projection:  tv.proj,
 		AMQPURL:     e.amqpURL,
+		Dial:        e.dial,
 		Topology:    e.topo,
 		Logger:      testLogger(t),
 		OnStatus: func(st projection.ViewStatus) {
@@ -210,8 +211,10 @@ func TestViewConfigValidate(t *testing.T) {
 // for a latest replay once it consumes, applies only the current replay's
 // events (the completed marker may overtake them), and then live events.
 func TestViewRebuildsFromLatestReplayThenFollowsLive(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testViewRebuildsFromLatestReplayThenFollowsLive)
+}
+
+func testViewRebuildsFromLatestReplayThenFollowsLive(t *testing.T, e *env) {
 	before := widgetHistory("lost", 2)
 	e.publishLive(t, before...) // no queue yet: not for the view
 	tv, req := e.startView(t)
@@ -315,8 +318,10 @@ func TestViewRebuildsFromLatestReplayThenFollowsLive(t *testing.T) {
 // outage) the view declares it again, resets the model and asks for a fresh
 // latest replay.
 func TestViewRebuildsWhenItsQueueIsGone(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testViewRebuildsWhenItsQueueIsGone)
+}
+
+func testViewRebuildsWhenItsQueueIsGone(t *testing.T, e *env) {
 	tv, req := e.startView(t)
 	first := widgetHistory("a", 2)
 	e.serveReplay(t, req, first[1:], cursor(1))
@@ -384,9 +389,9 @@ func TestViewRebuildsAfterBrokerReconnect(t *testing.T) {
 
 // A replay that does not complete in time is asked for again (no reset: what
 // arrived stays); one that no responder is bound for is retried until one is.
-func TestViewAsksAgain(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestViewAsksAgain(t *testing.T) { onEachBroker(t, testViewAsksAgain) }
+
+func testViewAsksAgain(t *testing.T, e *env) {
 	tv, req := e.startView(t, func(c *projection.ViewConfig) { c.ReplayTimeout = 300 * time.Millisecond })
 	partial := widgetHistory("a", 1)
 	e.publish(t, startedMsg(tv.prefix, req.ReplayID, 2))
@@ -445,9 +450,9 @@ func TestViewAsksAgain(t *testing.T) {
 }
 
 // The queue disappears on its own once the instance is gone.
-func TestViewQueueExpires(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestViewQueueExpires(t *testing.T) { onEachBroker(t, testViewQueueExpires) }
+
+func testViewQueueExpires(t *testing.T, e *env) {
 	tv, _ := e.startView(t, func(c *projection.ViewConfig) { c.QueueExpires = time.Second })
 	tv.stop()
 	// Polled slowly: a declare, even a passive one, renews the queue's lease.

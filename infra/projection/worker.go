@@ -22,8 +22,9 @@ import (
 // rebuild or catch-up of this process runs), applies events in batched
 // read-model transactions, and rebuilds the read model on request.
 //
-// It consumes with amqp091-go directly rather than Watermill's AMQP
-// subscriber (DESIGN §10): that subscriber hands over one message at a time
+// It consumes through broker.Conn (amqp091-go, or the in-process broker of
+// the embedded mode) rather than Watermill's AMQP subscriber (DESIGN §10):
+// that subscriber hands over one message at a time
 // and waits for its ack, so every event would cost a read-model transaction
 // of its own. The rebuild goal of ≥10k events/s (baselines §7.5) needs
 // batches of up to BatchSize events per transaction and one ack per batch,
@@ -43,14 +44,14 @@ type Worker struct {
 	readyOnce sync.Once
 
 	mu          sync.Mutex
-	running     bool                // Run is running
-	runCtx      context.Context     // Run's ctx, for rebuilds started while it runs
-	conn        *amqp091.Connection // current broker connection; nil while disconnected
-	cur         *run                // the rebuild or catch-up this process runs
-	starting    bool                // a Rebuild or CatchUp call is between its checks and its start
-	lastCatchUp *Rebuild            // the last finished catch-up of this process
-	runChanged  chan struct{}       // closed (and replaced) when cur changes
-	autoStarted bool                // this Run's first session has decided on an automatic rebuild or catch-up
+	running     bool            // Run is running
+	runCtx      context.Context // Run's ctx, for rebuilds started while it runs
+	conn        broker.Conn     // current broker connection; nil while disconnected
+	cur         *run            // the rebuild or catch-up this process runs
+	starting    bool            // a Rebuild or CatchUp call is between its checks and its start
+	lastCatchUp *Rebuild        // the last finished catch-up of this process
+	runChanged  chan struct{}   // closed (and replaced) when cur changes
+	autoStarted bool            // this Run's first session has decided on an automatic rebuild or catch-up
 	supervisors sync.WaitGroup
 
 	deadLettered atomic.Int64
@@ -171,12 +172,7 @@ func (w *Worker) recoverInterrupted(ctx context.Context) error {
 // while a run is active) until the connection is lost or ctx is done.
 // connected reports whether it got as far as consuming.
 func (w *Worker) session(ctx context.Context, created, reconnect bool) (connected bool, err error) {
-	conn, err := amqp091.DialConfig(w.cfg.AMQPURL, amqp091.Config{
-		Heartbeat:  10 * time.Second,
-		Locale:     "en_US",
-		Dial:       amqp091.DefaultDial(5 * time.Second),
-		Properties: amqp091.Table{"connection_name": "statemill projection " + w.cfg.Name},
-	})
+	conn, err := w.cfg.Dial("statemill projection " + w.cfg.Name)
 	if err != nil {
 		return false, fmt.Errorf("connect: %w", err)
 	}
@@ -322,7 +318,7 @@ func (w *Worker) autoKind(ctx context.Context, first, created, liveExisted bool)
 // (the worker's user has no configure permission): declare only checks that
 // the exchanges and queues exist, and a missing one is a
 // *broker.MissingError.
-func (w *Worker) declare(conn *amqp091.Connection) (liveExisted bool, err error) {
+func (w *Worker) declare(conn broker.Conn) (liveExisted bool, err error) {
 	t := w.cfg.Topology
 	probe, err := conn.Channel()
 	if err != nil {
@@ -390,7 +386,7 @@ func (w *Worker) declare(conn *amqp091.Connection) (liveExisted bool, err error)
 
 // consume opens a channel with the prefetch and consumes queue with manual
 // acks.
-func (w *Worker) consume(conn *amqp091.Connection, queue string) (*amqp091.Channel, <-chan amqp091.Delivery, error) {
+func (w *Worker) consume(conn broker.Conn, queue string) (broker.Channel, <-chan amqp091.Delivery, error) {
 	ch, err := conn.Channel()
 	if err != nil {
 		return nil, nil, err
@@ -417,7 +413,7 @@ const replayConsumers = 2
 // replayConsumer consumes N.replay while this process runs a rebuild or
 // catch-up, and not otherwise: another process of the same name never
 // takes (and drops) the replay of this one. source names its progress row.
-func (w *Worker) replayConsumer(ctx context.Context, conn *amqp091.Connection, source string) {
+func (w *Worker) replayConsumer(ctx context.Context, conn broker.Conn, source string) {
 	for {
 		w.mu.Lock()
 		r, changed := w.cur, w.runChanged
@@ -449,7 +445,7 @@ func (w *Worker) replayConsumer(ctx context.Context, conn *amqp091.Connection, s
 	}
 }
 
-func (w *Worker) consumeReplay(ctx context.Context, conn *amqp091.Connection, r *run, source string) error {
+func (w *Worker) consumeReplay(ctx context.Context, conn broker.Conn, r *run, source string) error {
 	ch, deliveries, err := w.consume(conn, w.replayQueue())
 	if err != nil {
 		return err
@@ -465,13 +461,13 @@ func (w *Worker) consumeReplay(ctx context.Context, conn *amqp091.Connection, r 
 		case <-rctx.Done():
 		}
 	}()
-	return w.consumeLoop(rctx, ch, deliveries, func(ctx context.Context, ch *amqp091.Channel, batch []amqp091.Delivery) {
+	return w.consumeLoop(rctx, ch, deliveries, func(ctx context.Context, ch broker.Channel, batch []amqp091.Delivery) {
 		w.handleReplay(ctx, ch, r, source, batch)
 	})
 }
 
 // lagLoop keeps the lag gauges fresh.
-func (w *Worker) lagLoop(ctx context.Context, conn *amqp091.Connection) {
+func (w *Worker) lagLoop(ctx context.Context, conn broker.Conn) {
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
 	for {
@@ -488,7 +484,7 @@ func (w *Worker) lagLoop(ctx context.Context, conn *amqp091.Connection) {
 }
 
 // readyMessages asks the broker how many messages are ready in N.live.
-func (w *Worker) readyMessages(ctx context.Context, conn *amqp091.Connection) (int64, error) {
+func (w *Worker) readyMessages(ctx context.Context, conn broker.Conn) (int64, error) {
 	type result struct {
 		n   int64
 		err error
@@ -531,7 +527,7 @@ func (w *Worker) current() *run {
 	return w.cur
 }
 
-func (w *Worker) currentConn() *amqp091.Connection {
+func (w *Worker) currentConn() broker.Conn {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.conn

@@ -80,8 +80,10 @@ func TestActiveGenerationSQL(t *testing.T) {
 }
 
 func TestLiveEventsAreAppliedInBatches(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testLiveEventsAreAppliedInBatches)
+}
+
+func testLiveEventsAreAppliedInBatches(t *testing.T, e *env) {
 	w := e.startWorker(t, "", withSchema(sandbox.Name("rm")))
 
 	var evs []envelope.Event
@@ -134,8 +136,10 @@ func TestLiveEventsAreAppliedInBatches(t *testing.T) {
 }
 
 func TestDuplicatesAndDisorderConverge(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testDuplicatesAndDisorderConverge)
+}
+
+func testDuplicatesAndDisorderConverge(t *testing.T, e *env) {
 	w := e.startWorker(t, "")
 
 	var evs []envelope.Event
@@ -163,8 +167,10 @@ func TestDuplicatesAndDisorderConverge(t *testing.T) {
 }
 
 func TestPoisonIsDeadLetteredAndTheStreamGoesOn(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testPoisonIsDeadLetteredAndTheStreamGoesOn)
+}
+
+func testPoisonIsDeadLetteredAndTheStreamGoesOn(t *testing.T, e *env) {
 	w := e.startWorker(t, "")
 
 	before := widgetHistory("a", 2)
@@ -229,8 +235,10 @@ func TestPoisonIsDeadLetteredAndTheStreamGoesOn(t *testing.T) {
 }
 
 func TestDatabaseOutageIsRetriedNeverDeadLettered(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testDatabaseOutageIsRetriedNeverDeadLettered)
+}
+
+func testDatabaseOutageIsRetriedNeverDeadLettered(t *testing.T, e *env) {
 	proxy := sandbox.NewProxy(t, hostPort(t, e.dbURL))
 	pool := openPool(t, withHost(t, e.dbURL, proxy.Addr()), 3)
 	w := e.startWorker(t, "", withPool(pool))
@@ -314,9 +322,9 @@ func TestBrokerConnectionLossMidStream(t *testing.T) {
 	}
 }
 
-func TestLagIsReported(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestLagIsReported(t *testing.T) { onEachBroker(t, testLagIsReported) }
+
+func testLagIsReported(t *testing.T, e *env) {
 	proj := newWidgets()
 	gate := make(chan struct{})
 	var once sync.Once
@@ -351,8 +359,10 @@ func TestLagIsReported(t *testing.T) {
 }
 
 func TestSharedTopologyNeedNotExistYet(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testSharedTopologyNeedNotExistYet)
+}
+
+func testSharedTopologyNeedNotExistYet(t *testing.T, e *env) {
 	// A worker started before any producer declared the exchanges declares
 	// them itself (identically) and binds.
 	topo := broker.Topology{EventsExchange: e.ns + ".other-events", CommandsExchange: e.ns + ".other-commands"}

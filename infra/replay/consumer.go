@@ -13,23 +13,6 @@ import (
 	"github.com/statemill/statemill/infra/broker"
 )
 
-// dial opens a broker connection with a heartbeat, so a dead peer is
-// noticed within seconds, and a bounded dial.
-func dial(url, name string) (*amqp091.Connection, error) {
-	props := amqp091.NewConnectionProperties()
-	props.SetClientConnectionName(name)
-	conn, err := amqp091.DialConfig(url, amqp091.Config{
-		Heartbeat:  10 * time.Second,
-		Locale:     "en_US",
-		Dial:       amqp091.DefaultDial(5 * time.Second),
-		Properties: props,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("replay: connect to RabbitMQ: %w", err)
-	}
-	return conn, nil
-}
-
 // DeadQueue is where requests that can never run go: QueueName+".dead".
 func (r *Responder) DeadQueue() string { return r.cfg.QueueName + ".dead" }
 
@@ -65,7 +48,7 @@ func (r *Responder) consumeLoop(ctx context.Context) {
 // binding (the producer's user has no configure permission): declare only
 // checks that the exchange and the queues exist, and a missing one is a
 // *broker.MissingError.
-func (r *Responder) declare(conn *amqp091.Connection) (*amqp091.Channel, error) {
+func (r *Responder) declare(conn broker.Conn) (broker.Channel, error) {
 	ch, err := conn.Channel()
 	if err != nil {
 		return nil, fmt.Errorf("open channel: %w", err)
@@ -107,9 +90,9 @@ func (r *Responder) declare(conn *amqp091.Connection) (*amqp091.Channel, error) 
 
 // consume runs one connection's worth of consuming.
 func (r *Responder) consume(ctx context.Context) error {
-	conn, err := dial(r.cfg.AMQPURL, "replay-requests")
+	conn, err := r.cfg.Dial("replay-requests")
 	if err != nil {
-		return err
+		return fmt.Errorf("replay: connect to the broker: %w", err)
 	}
 	// Closing the connection requeues a delivery not yet acked.
 	defer conn.Close()

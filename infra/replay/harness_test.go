@@ -18,6 +18,7 @@ import (
 
 	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
+	"github.com/statemill/statemill/infra/membroker"
 	"github.com/statemill/statemill/infra/pgstore"
 	"github.com/statemill/statemill/infra/replay"
 	"github.com/statemill/statemill/infra/sandbox"
@@ -75,13 +76,33 @@ type env struct {
 	pool    *pgxpool.Pool
 	store   *pgstore.Store
 	dbURL   string
-	amqpURL string
+	amqpURL string        // RabbitMQ; "" on the in-process broker
+	dial    broker.Dialer // the in-process broker's; nil on RabbitMQ (responders dial AMQPURL)
 	topo    broker.Topology
 	queue   string
-	conn    *amqp091.Connection
+	conn    broker.Conn
 }
 
-func newEnv(t testing.TB) *env {
+// newEnv is an environment on RabbitMQ.
+func newEnv(t testing.TB) *env { return newEnvOn(t, false) }
+
+// onEachBroker runs test in parallel on RabbitMQ and on the in-process
+// broker of the embedded mode (membroker), each with an environment of its
+// own.
+func onEachBroker(t *testing.T, test func(t *testing.T, e *env)) {
+	t.Parallel()
+	for _, b := range []struct {
+		name      string
+		inProcess bool
+	}{{"rabbitmq", false}, {"inprocess", true}} {
+		t.Run(b.name, func(t *testing.T) {
+			t.Parallel()
+			test(t, newEnvOn(t, b.inProcess))
+		})
+	}
+}
+
+func newEnvOn(t testing.TB, inProcess bool) *env {
 	t.Helper()
 	ctx := testCtx(t)
 	e := &env{dbURL: sandbox.Postgres(t)}
@@ -95,12 +116,26 @@ func newEnv(t testing.TB) *env {
 	e.store = pgstore.New(e.pool, nil)
 
 	var ns string
-	e.amqpURL, ns = sandbox.Broker(t)
+	var dial broker.Dialer
+	if inProcess {
+		mb, err := membroker.New(membroker.Config{Logger: testLogger()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = mb.Close() })
+		e.dial, ns = mb.Dialer(), sandbox.Name("t")
+		dial = e.dial
+	} else {
+		e.amqpURL, ns = sandbox.Broker(t)
+		dial = broker.AMQPDialer(e.amqpURL)
+	}
 	e.topo = broker.Topology{EventsExchange: ns + ".events", CommandsExchange: ns + ".commands"}
 	e.queue = ns + ".replay_requests"
-	sandbox.DeleteLater(t, []string{e.queue, e.queue + ".dead", e.topo.UnroutableQueue()},
-		[]string{e.topo.EventsExchange, e.topo.CommandsExchange, e.topo.UnroutableExchange()})
-	conn, err := amqp091.Dial(e.amqpURL)
+	if !inProcess {
+		sandbox.DeleteLater(t, []string{e.queue, e.queue + ".dead", e.topo.UnroutableQueue()},
+			[]string{e.topo.EventsExchange, e.topo.CommandsExchange, e.topo.UnroutableExchange()})
+	}
+	conn, err := dial("replay test " + ns)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +158,7 @@ func openPool(t testing.TB, url string, maxConns int32) *pgxpool.Pool {
 	return pool
 }
 
-func (e *env) channel(t testing.TB) *amqp091.Channel {
+func (e *env) channel(t testing.TB) broker.Channel {
 	t.Helper()
 	ch, err := e.conn.Channel()
 	if err != nil {
@@ -143,7 +178,7 @@ func testLogger() *slog.Logger {
 
 func (e *env) config(mutate ...func(*replay.Config)) replay.Config {
 	c := replay.Config{
-		Pool: e.pool, AMQPURL: e.amqpURL, Topology: e.topo,
+		Pool: e.pool, AMQPURL: e.amqpURL, Dial: e.dial, Topology: e.topo,
 		EntityTypes: []string{"widget", "gadget"}, QueueName: e.queue,
 		Workers: 3, Logger: testLogger(),
 	}

@@ -63,8 +63,10 @@ func (h *errorLog) has(subs ...string) bool {
 // itself), and a request that can never run is dead-lettered by the
 // definitions' queue arguments.
 func TestPassiveResponderUsesTheDefinitions(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testPassiveResponderUsesTheDefinitions)
+}
+
+func testPassiveResponderUsesTheDefinitions(t *testing.T, e *env) {
 	dead := e.queue + ".dead"
 	logs := &errorLog{}
 	r, err := replay.NewResponder(e.config(func(c *replay.Config) {
@@ -142,7 +144,7 @@ func TestPassiveResponderUsesTheDefinitions(t *testing.T) {
 		t.Fatal(err)
 	}
 	returns := ch.NotifyReturn(make(chan amqp091.Return, 1))
-	if err := ch.PublishWithContext(testCtx(t), e.topo.CommandsExchange, replay.RequestRoutingKey, true, false,
+	if _, err := ch.Publish(testCtx(t), e.topo.CommandsExchange, replay.RequestRoutingKey, true,
 		amqp091.Publishing{ContentType: "application/json", Body: []byte(`{}`)}); err != nil {
 		t.Fatal(err)
 	}
@@ -173,7 +175,7 @@ func TestPassiveResponderUsesTheDefinitions(t *testing.T) {
 
 // channelNoCleanup opens a channel for one check, which closes it (a
 // failed passive declare closes it too).
-func (e *env) channelNoCleanup(t testing.TB) *amqp091.Channel {
+func (e *env) channelNoCleanup(t testing.TB) broker.Channel {
 	t.Helper()
 	ch, err := e.conn.Channel()
 	if err != nil {

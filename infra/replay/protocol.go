@@ -1,8 +1,9 @@
 // Package replay is statemill's replay protocol (DESIGN §6): a consumer asks
 // the producer to publish history again under a routing-key prefix that only
 // that consumer is bound to, and the producer brackets the events with
-// markers. It also holds the responder that answers such requests from a
-// PostgreSQL history in one REPEATABLE READ snapshot.
+// markers. It also holds the responder that answers such requests from the
+// history of a PostgreSQL store (one REPEATABLE READ snapshot) or of the
+// embedded SQLite store (a read bounded by a sequence).
 package replay
 
 import (
@@ -10,6 +11,7 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/google/uuid"
@@ -104,28 +106,68 @@ type Completed struct {
 // IsMarker reports whether an event name is one of the markers.
 func IsMarker(event string) bool { return event == StartedEvent || event == CompletedEvent }
 
-// Cursor is a PostgreSQL snapshot (pg_snapshot text: xmin:xmax:xip,...): the
-// transitions a replay saw are exactly those whose xid is visible in it.
-type Cursor struct{ Snapshot string }
+// Cursor identifies what one replay read, so that a later replay can
+// continue after it. It is one of two kinds, by the store that made it:
+//
+//   - PostgreSQL: Snapshot is a pg_snapshot (text xmin:xmax:xip,...): the
+//     transitions the replay saw are exactly those whose xid is visible in
+//     it (sequence is not a commit-order watermark there).
+//   - SQLite (the embedded store), when Snapshot is "": Sequence is the
+//     greatest history sequence the replay's read could see. With SQLite's
+//     single writer sequence order is commit order, so the replay saw
+//     exactly the transitions with sequence ≤ Sequence.
+//
+// A store refuses a cursor of the other kind.
+type Cursor struct {
+	Snapshot string
+	Sequence int64
+}
 
-const cursorPrefix = "pg1:"
+// Token prefixes (inside the base64 of the token) of the two kinds; kept
+// stable, as consumers store tokens.
+const (
+	cursorPrefix         = "pg1:"
+	sequenceCursorPrefix = "sq1:"
+)
 
-var snapshotPattern = regexp.MustCompile(`^\d{1,20}:\d{1,20}:(\d{1,20}(,\d{1,20})*)?$`)
+var (
+	snapshotPattern = regexp.MustCompile(`^\d{1,20}:\d{1,20}:(\d{1,20}(,\d{1,20})*)?$`)
+	sequencePattern = regexp.MustCompile(`^(0|[1-9]\d{0,18})$`)
+)
+
+// IsSequence reports whether c is a cursor of the embedded store (a
+// history sequence) rather than a PostgreSQL snapshot.
+func (c Cursor) IsSequence() bool { return c.Snapshot == "" }
 
 // String is the opaque token handed to consumers.
 func (c Cursor) String() string {
-	return base64.RawURLEncoding.EncodeToString([]byte(cursorPrefix + c.Snapshot))
+	raw := cursorPrefix + c.Snapshot
+	if c.IsSequence() {
+		raw = sequenceCursorPrefix + strconv.FormatInt(c.Sequence, 10)
+	}
+	return base64.RawURLEncoding.EncodeToString([]byte(raw))
 }
 
-// ParseCursor reads a token made by Cursor.String.
+// ParseCursor reads a token made by Cursor.String, of either kind.
 func ParseCursor(token string) (Cursor, error) {
-	raw, err := base64.RawURLEncoding.DecodeString(token)
-	if err != nil || !strings.HasPrefix(string(raw), cursorPrefix) {
-		return Cursor{}, fmt.Errorf("is not a replay cursor")
+	notCursor := fmt.Errorf("is not a replay cursor")
+	b, err := base64.RawURLEncoding.DecodeString(token)
+	if err != nil || len(b) > 1<<16 {
+		return Cursor{}, notCursor
 	}
-	snap := strings.TrimPrefix(string(raw), cursorPrefix)
-	if len(snap) > 1<<16 || !snapshotPattern.MatchString(snap) {
-		return Cursor{}, fmt.Errorf("is not a replay cursor")
+	raw := string(b)
+	if snap, ok := strings.CutPrefix(raw, cursorPrefix); ok {
+		if !snapshotPattern.MatchString(snap) {
+			return Cursor{}, notCursor
+		}
+		return Cursor{Snapshot: snap}, nil
 	}
-	return Cursor{Snapshot: snap}, nil
+	if seq, ok := strings.CutPrefix(raw, sequenceCursorPrefix); ok && sequencePattern.MatchString(seq) {
+		n, err := strconv.ParseInt(seq, 10, 64)
+		if err != nil {
+			return Cursor{}, notCursor
+		}
+		return Cursor{Sequence: n}, nil
+	}
+	return Cursor{}, notCursor
 }

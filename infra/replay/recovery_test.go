@@ -13,6 +13,7 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"github.com/statemill/statemill/infra/apperr"
+	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
 	"github.com/statemill/statemill/infra/pgstore"
 	"github.com/statemill/statemill/infra/replay"
@@ -150,9 +151,9 @@ func TestSnapshotRace(t *testing.T) {
 
 // Requests over AMQP are recorded, acked and run; requests that can never
 // run are dead-lettered once and never loop; a duplicate runs once.
-func TestRequestsOverAMQP(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestRequestsOverAMQP(t *testing.T) { onEachBroker(t, testRequestsOverAMQP) }
+
+func testRequestsOverAMQP(t *testing.T, e *env) {
 	obs := e.observe(t, envelope.ReplayBinding("amqp", "widget"), envelope.ReplayBinding("nope", "widget"))
 	r := e.start(t)
 	e.commit(t, e.newWidget(t), 2)
@@ -164,14 +165,12 @@ func TestRequestsOverAMQP(t *testing.T) {
 	ctx := testCtx(t)
 	publish := func(body string) {
 		t.Helper()
-		dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, e.topo.CommandsExchange, replay.RequestRoutingKey, false, false,
+		dc, err := ch.Publish(ctx, e.topo.CommandsExchange, replay.RequestRoutingKey, false,
 			amqp091.Publishing{ContentType: "application/json", DeliveryMode: amqp091.Persistent, Body: []byte(body)})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if ok, err := dc.WaitContext(ctx); !ok || err != nil {
-			t.Fatalf("request not confirmed: %v", err)
-		}
+		waitConfirm(t, ctx, dc)
 	}
 	good := uuid.NewString()
 	publish(`not json`)
@@ -196,10 +195,18 @@ func TestRequestsOverAMQP(t *testing.T) {
 		return depth(r.DeadQueue()) != 3 || depth(e.queue) != 0 || obs.replayOf(t, good).starts != 1 ||
 			len(obs.all()) != len(got.events)+2
 	})
+	// Consumed rather than taken with basic.get, which the in-process
+	// broker does not implement.
+	dead, err := ch.Consume(r.DeadQueue(), "", true, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for range 3 {
-		d, ok, err := ch.Get(r.DeadQueue(), true)
-		if err != nil || !ok {
-			t.Fatalf("get dead letter: %v %v", ok, err)
+		var d amqp091.Delivery
+		select {
+		case d = <-dead:
+		case <-time.After(waitLong):
+			t.Fatal("a dead letter did not arrive")
 		}
 		deaths, _ := d.Headers["x-death"].([]any)
 		if len(deaths) != 1 {
@@ -216,9 +223,9 @@ func TestRequestsOverAMQP(t *testing.T) {
 // cursor, so they send exactly what the first attempt set out to send). A
 // running request with a fresh heartbeat is left to its owner until it
 // goes stale.
-func TestResumesUnfinishedRequests(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestResumesUnfinishedRequests(t *testing.T) { onEachBroker(t, testResumesUnfinishedRequests) }
+
+func testResumesUnfinishedRequests(t *testing.T, e *env) {
 	obs := e.observe(t, "#")
 	ctx := testCtx(t)
 	w := e.newWidget(t)
@@ -351,6 +358,9 @@ func TestConfigValidate(t *testing.T) {
 	if err != nil {
 		t.Fatalf("valid config refused: %v", err)
 	}
+	if _, err := replay.NewResponder(e.config(func(c *replay.Config) { c.AMQPURL, c.Dial = "", broker.AMQPDialer(e.amqpURL) })); err != nil {
+		t.Fatalf("a Dial instead of AMQPURL refused: %v", err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
@@ -376,8 +386,10 @@ func TestConfigValidate(t *testing.T) {
 // A request queue declared elsewhere without the dead-letter arguments (a
 // definitions file) is used as it is rather than refused forever.
 func TestRequestQueueDeclaredElsewhere(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+	onEachBroker(t, testRequestQueueDeclaredElsewhere)
+}
+
+func testRequestQueueDeclaredElsewhere(t *testing.T, e *env) {
 	ch := e.channel(t)
 	if _, err := ch.QueueDeclare(e.queue, true, false, false, false, nil); err != nil {
 		t.Fatal(err)
@@ -400,13 +412,24 @@ func (e *env) publishRequest(t *testing.T, body string) {
 		t.Fatal(err)
 	}
 	ctx := testCtx(t)
-	dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, e.topo.CommandsExchange, replay.RequestRoutingKey, false, false,
+	dc, err := ch.Publish(ctx, e.topo.CommandsExchange, replay.RequestRoutingKey, false,
 		amqp091.Publishing{ContentType: "application/json", DeliveryMode: amqp091.Persistent, Body: []byte(body)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ok, err := dc.WaitContext(ctx); !ok || err != nil {
-		t.Fatalf("request not confirmed: %v", err)
+	waitConfirm(t, ctx, dc)
+}
+
+// waitConfirm fails t unless the broker acks the publish of dc.
+func waitConfirm(t *testing.T, ctx context.Context, dc broker.Confirmation) {
+	t.Helper()
+	select {
+	case <-dc.Done():
+	case <-ctx.Done():
+		t.Fatalf("request not confirmed: %v", ctx.Err())
+	}
+	if !dc.Acked() {
+		t.Fatal("request not confirmed: nacked")
 	}
 }
 

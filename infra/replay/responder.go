@@ -11,20 +11,31 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
-	amqp091 "github.com/rabbitmq/amqp091-go"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
+	"github.com/statemill/statemill/infra/sqlitestore"
 )
 
 // Config configures a Responder. Zero values take the defaults.
 type Config struct {
-	// Pool reads history and records requests. Each worker holds one
-	// connection for the length of a replay: size the pool above Workers.
+	// Pool is a PostgreSQL store (pgstore's schema): it reads history and
+	// records requests. Each worker holds one connection for the length of
+	// a replay: size the pool above Workers. Set exactly one of Pool and
+	// SQLite.
 	Pool *pgxpool.Pool
+	// SQLite is the embedded store (sqlitestore's schema, migrated): the
+	// history is read through its reader pool a page at a time, requests
+	// are recorded through its single writer, and cursors are history
+	// sequences. Set exactly one of Pool and SQLite.
+	SQLite *sqlitestore.DB
 	// AMQPURL is the broker: requests are consumed from it, replays published to it.
 	AMQPURL string
+	// Dial opens the broker connections (one consumes requests, one
+	// publishes replays); default broker.AMQPDialer(AMQPURL). The embedded
+	// mode passes the in-process broker's.
+	Dial broker.Dialer
 	// Topology names the exchanges: requests arrive on CommandsExchange,
 	// replays go to EventsExchange.
 	Topology broker.Topology
@@ -61,6 +72,9 @@ type Config struct {
 
 func (c *Config) setDefaults() {
 	c.Topology = c.Topology.WithDefaults()
+	if c.Dial == nil && c.AMQPURL != "" {
+		c.Dial = broker.AMQPDialer(c.AMQPURL)
+	}
 	if c.Workers == 0 {
 		c.Workers = 4
 	}
@@ -87,11 +101,14 @@ func (c *Config) setDefaults() {
 // Validate reports a configuration the responder cannot run with.
 func (c Config) Validate() error {
 	var errs []error
-	if c.Pool == nil {
-		errs = append(errs, errors.New("replay: Pool is required"))
+	switch {
+	case c.Pool == nil && c.SQLite == nil:
+		errs = append(errs, errors.New("replay: a store is required: set Pool (PostgreSQL) or SQLite"))
+	case c.Pool != nil && c.SQLite != nil:
+		errs = append(errs, errors.New("replay: set only one store, Pool (PostgreSQL) or SQLite, not both"))
 	}
-	if c.AMQPURL == "" {
-		errs = append(errs, errors.New("replay: AMQPURL is required"))
+	if c.AMQPURL == "" && c.Dial == nil {
+		errs = append(errs, errors.New("replay: AMQPURL or Dial is required"))
 	}
 	if err := c.Topology.Validate(); err != nil {
 		errs = append(errs, err)
@@ -124,12 +141,17 @@ func (c Config) Validate() error {
 
 // Responder answers replay requests (DESIGN §6). Submit (HTTP) and the AMQP
 // request queue record a request and hand it to a bounded pool of workers;
-// each worker streams the history of one replay from a read-only REPEATABLE
-// READ snapshot to the events exchange under the request's prefix.
+// each worker streams the history of one replay from one consistent read
+// (PostgreSQL: a read-only REPEATABLE READ snapshot; SQLite: the rows up to
+// a sequence) to the events exchange under the request's prefix.
 type Responder struct {
 	cfg     Config
 	log     *slog.Logger
 	metrics *metrics
+
+	// requests and history are the configured store's.
+	requests requestStore
+	history  historySource
 
 	// queue feeds the workers; queued keeps one entry per replay id in it.
 	queue    chan string
@@ -141,7 +163,7 @@ type Responder struct {
 	readyOnce sync.Once
 
 	pubMu   sync.Mutex
-	pubConn *amqp091.Connection
+	pubConn broker.Conn
 }
 
 // queueCapacity bounds the ids waiting for a worker in memory; the recorded
@@ -158,14 +180,22 @@ func NewResponder(cfg Config) (*Responder, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Responder{
+	r := &Responder{
 		cfg:     cfg,
 		log:     cfg.Logger.With("component", "replay", "queue", cfg.QueueName),
 		metrics: m,
 		queue:   make(chan string, queueCapacity),
 		queued:  map[string]bool{},
 		ready:   make(chan struct{}),
-	}, nil
+	}
+	if cfg.SQLite != nil {
+		s := embedded{db: cfg.SQLite}
+		r.requests, r.history = s, s
+	} else {
+		p := postgres{pool: cfg.Pool}
+		r.requests, r.history = p, p
+	}
+	return r, nil
 }
 
 // Ready is closed once the request queue is declared and consumed the first

@@ -170,9 +170,9 @@ func maps(t amqp091.Table) map[string]any {
 
 // after = a replay's cursor replays exactly what that replay's snapshot did
 // not see; full and latest both honour it.
-func TestReplayAfterCursor(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestReplayAfterCursor(t *testing.T) { onEachBroker(t, testReplayAfterCursor) }
+
+func testReplayAfterCursor(t *testing.T, e *env) {
 	obs := e.observe(t, "#")
 	r := e.start(t)
 	w1, w2, w3 := e.newWidget(t), e.newWidget(t), e.newWidget(t)
@@ -221,9 +221,9 @@ func TestReplayAfterCursor(t *testing.T) {
 }
 
 // latest sends only the newest transition of each entity, by sequence.
-func TestReplayLatest(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestReplayLatest(t *testing.T) { onEachBroker(t, testReplayLatest) }
+
+func testReplayLatest(t *testing.T, e *env) {
 	obs := e.observe(t, envelope.ReplayBinding("view", "widget"))
 	r := e.start(t)
 	w1, w2, w3 := e.newWidget(t), e.newWidget(t), e.newWidget(t)
@@ -254,9 +254,9 @@ func TestReplayLatest(t *testing.T) {
 // Submit is idempotent by replay_id: the same request, however often and
 // however concurrently, runs once; a different request under a used id is
 // a conflict; an invalid one is refused and recorded nowhere.
-func TestSubmitIsIdempotent(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
+func TestSubmitIsIdempotent(t *testing.T) { onEachBroker(t, testSubmitIsIdempotent) }
+
+func testSubmitIsIdempotent(t *testing.T, e *env) {
 	obs := e.observe(t, "#")
 	r := e.start(t)
 	w := e.newWidget(t)

@@ -7,17 +7,13 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/google/uuid"
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
-	"github.com/statemill/statemill/infra/pgstore"
 )
 
 // result is what one successful attempt published.
@@ -118,7 +114,7 @@ func (r *Responder) heartbeat(ctx context.Context, cancel context.CancelCauseFun
 func (r *Responder) attempts(ctx context.Context, j job, log *slog.Logger) (result, error) {
 	for attempt := 1; ; attempt++ {
 		res, err := r.replayOnce(ctx, &j)
-		if err == nil || ctx.Err() != nil || permanent(err) || attempt >= r.cfg.MaxAttempts {
+		if err == nil || ctx.Err() != nil || r.permanent(err) || attempt >= r.cfg.MaxAttempts {
 			return res, err
 		}
 		wait := backoff(attempt, time.Second, 30*time.Second)
@@ -129,55 +125,17 @@ func (r *Responder) attempts(ctx context.Context, j job, log *slog.Logger) (resu
 	}
 }
 
-// permanent reports an error that a retry cannot fix: PostgreSQL refusing
-// the statement itself (bad data, bad SQL), or a lost claim.
-func permanent(err error) bool {
-	if errors.Is(err, errLostClaim) {
-		return true
-	}
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		class := pgErr.Code[:2]
-		return class == "22" || class == "42"
-	}
-	return false
+// permanent reports an error that a retry cannot fix: the store refusing
+// the statement itself (bad data, bad SQL), a cursor of another store, or a
+// lost claim.
+func (r *Responder) permanent(err error) bool {
+	return errors.Is(err, errLostClaim) || errors.Is(err, errForeignCursor) || r.history.permanent(err)
 }
 
-const historyColumns = `event_id, sequence, entity_type, entity_id, version, event, from_state, to_state,
-	attributes, occurred_at, correlation_id`
-
-// queries returns the count and the select of a replay under the filter.
-// full: every transition of the entity type, by sequence. latest: the newest
-// transition of each entity, by sequence. after excludes what the cursor's
-// snapshot saw; pinned (a resumed replay) keeps only what the first
-// attempt's snapshot saw.
-func queries(j job, after string) (count, rows string, args []any) {
-	conds := []string{"entity_type = $1"}
-	args = []any{j.EntityType}
-	if after != "" {
-		args = append(args, after)
-		conds = append(conds, fmt.Sprintf("NOT pg_visible_in_snapshot(transaction_id, $%d::text::pg_snapshot)", len(args)))
-	}
-	if j.pinned != "" {
-		args = append(args, j.pinned)
-		conds = append(conds, fmt.Sprintf("pg_visible_in_snapshot(transaction_id, $%d::text::pg_snapshot)", len(args)))
-	}
-	where := " WHERE " + strings.Join(conds, " AND ")
-	if j.Mode == Latest {
-		count = `SELECT count(DISTINCT entity_id) FROM history` + where
-		rows = `SELECT ` + historyColumns + ` FROM (
-			SELECT DISTINCT ON (entity_id) ` + historyColumns + ` FROM history` + where + `
-			ORDER BY entity_id, version DESC) latest ORDER BY sequence`
-		return count, rows, args
-	}
-	count = `SELECT count(*) FROM history` + where
-	rows = `SELECT ` + historyColumns + ` FROM history` + where + ` ORDER BY sequence`
-	return count, rows, args
-}
-
-// replayOnce is one attempt: one read-only REPEATABLE READ snapshot, whose
-// rows are streamed (pgx reads them as they are consumed, so memory stays
-// bounded) and published with pipelined confirms between the two markers.
+// replayOnce is one attempt: one consistent read of the history (on
+// PostgreSQL a read-only REPEATABLE READ snapshot, on SQLite a read bounded
+// by a sequence), whose rows are streamed in bounded memory and published
+// with pipelined confirms between the two markers.
 func (r *Responder) replayOnce(ctx context.Context, j *job) (res result, err error) {
 	began := time.Now()
 	pub, err := r.publisher()
@@ -186,66 +144,49 @@ func (r *Responder) replayOnce(ctx context.Context, j *job) (res result, err err
 	}
 	defer pub.Close()
 
-	// READ ONLY: the transaction never takes an xid, so a long replay does
-	// not hold back pg_snapshot_xmin (and with it the outbox relay).
-	tx, err := r.cfg.Pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
-	if err != nil {
-		return res, fmt.Errorf("replay: begin snapshot: %w", err)
-	}
-	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // after Commit a no-op
-	var snapshot string
-	if err := tx.QueryRow(ctx, `SELECT pg_current_snapshot()::text`).Scan(&snapshot); err != nil {
-		return res, fmt.Errorf("replay: take snapshot: %w", err)
-	}
-	resumed := j.pinned != ""
-	if !resumed {
-		// Pinned before anything is published: a later attempt must send
-		// the same set, not a larger one.
-		j.pinned = snapshot
-	}
-	if err := r.beginAttempt(ctx, *j, Cursor{Snapshot: j.pinned}.String()); err != nil {
-		if !resumed {
-			j.pinned = ""
-		}
-		return res, err
-	}
-	res.cursor = Cursor{Snapshot: j.pinned}.String()
-	filtered := *j
-	if !resumed {
-		filtered.pinned = "" // the snapshot itself is the filter
-	}
-
-	var after string
+	var after *Cursor
 	if j.After != "" {
 		c, err := ParseCursor(j.After)
 		if err != nil {
 			return res, fmt.Errorf("replay: after: %w", err)
 		}
-		after = c.Snapshot
+		after = &c
 	}
-	countSQL, rowsSQL, args := queries(filtered, after)
-	if err := tx.QueryRow(ctx, countSQL, args...).Scan(&res.expected); err != nil {
-		return res, fmt.Errorf("replay: count: %w", err)
+	read, err := r.history.open(ctx, *j, after)
+	if err != nil {
+		return res, err
+	}
+	defer read.close()
+	resumed := j.pinned != nil
+	if !resumed {
+		// Pinned before anything is published: a later attempt must send
+		// the same set, not a larger one.
+		c := read.cursor()
+		j.pinned = &c
+	}
+	if err := r.beginAttempt(ctx, *j, j.pinned.String()); err != nil {
+		if !resumed {
+			j.pinned = nil
+		}
+		return res, err
+	}
+	res.cursor = j.pinned.String()
+	if res.expected, err = read.count(ctx); err != nil {
+		return res, err
 	}
 
 	exchange := r.cfg.Topology.EventsExchange
 	if err := r.publishMarker(ctx, pub, *j, StartedEvent, Started{ReplayID: j.ReplayID, ExpectedCount: res.expected}); err != nil {
 		return res, err
 	}
-	rows, err := tx.Query(ctx, rowsSQL, args...)
-	if err != nil {
-		return res, fmt.Errorf("replay: query history: %w", err)
-	}
-	defer rows.Close()
 	// The metric is counted in steps (a labelled counter per event would
 	// cost more than the JSON) and settled whatever the outcome.
 	counted := int64(0)
 	events := r.metrics.events.WithLabelValues(j.EntityType)
 	defer func() { events.Add(float64(res.count - counted)) }()
-	for rows.Next() {
-		e, err := pgstore.ScanEvent(rows)
+	for e, err := range read.events(ctx) {
 		if err != nil {
-			return res, fmt.Errorf("replay: scan history: %w", err)
+			return res, err
 		}
 		msg, err := eventPublishing(e, j.ReplayID)
 		if err != nil {
@@ -260,12 +201,9 @@ func (r *Responder) replayOnce(ctx context.Context, j *job) (res result, err err
 			counted = res.count
 		}
 	}
-	if err := rows.Err(); err != nil {
-		return res, fmt.Errorf("replay: read history: %w", err)
-	}
-	// The snapshot is no longer needed: end it before waiting on the broker.
-	if err := tx.Commit(ctx); err != nil {
-		return res, fmt.Errorf("replay: end snapshot: %w", err)
+	// The read is no longer needed: end it before waiting on the broker.
+	if err := read.end(ctx); err != nil {
+		return res, err
 	}
 	if err := pub.Wait(ctx); err != nil {
 		return res, fmt.Errorf("replay: confirm events: %w", err)
@@ -321,13 +259,13 @@ func (r *Responder) publisher() (*broker.ConfirmPublisher, error) {
 	r.pubMu.Lock()
 	defer r.pubMu.Unlock()
 	if r.pubConn == nil || r.pubConn.IsClosed() {
-		conn, err := dial(r.cfg.AMQPURL, "replay-publisher")
+		conn, err := r.cfg.Dial("replay-publisher")
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("replay: connect to the broker: %w", err)
 		}
 		r.pubConn = conn
 	}
-	return broker.NewConfirmPublisher(broker.WrapAMQP(r.pubConn), r.cfg.Window)
+	return broker.NewConfirmPublisher(r.pubConn, r.cfg.Window)
 }
 
 func (r *Responder) closePublisherConn() {

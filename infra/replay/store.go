@@ -4,14 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"time"
 
 	"github.com/google/uuid"
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/statemill/statemill/infra/apperr"
-	"github.com/statemill/statemill/infra/pgstore"
+	"github.com/statemill/statemill/infra/envelope"
 )
 
 // Status is where a recorded request stands.
@@ -39,6 +38,70 @@ type Record struct {
 	FinishedAt  *time.Time `json:"finished_at,omitempty"`
 }
 
+// requestStore keeps the table replay_requests of one store (postgres.go,
+// sqlite.go). Methods that change a claimed row match it by replay id,
+// claim token and status running, and report ok = false when no row
+// matched (another responder took it over). Errors are the store's own;
+// classify turns an outage into apperr.Unavailable.
+type requestStore interface {
+	// insert records req unless its replay id is recorded (inserted false).
+	insert(ctx context.Context, req Request) (inserted bool, err error)
+	// get returns the recorded request id (a canonical UUID); found false
+	// when there is none.
+	get(ctx context.Context, id string) (rec Record, found bool, err error)
+	// claimable lists up to limit ids a worker may take, oldest first:
+	// pending ones, and running ones whose heartbeat is older than stale.
+	claimable(ctx context.Context, stale time.Duration, limit int) ([]string, error)
+	// claim marks id running under token if it is claimable; it returns the
+	// request and its pinned cursor token ("" when none yet).
+	claim(ctx context.Context, id, token string, stale time.Duration) (req Request, cursor string, ok bool, err error)
+	beat(ctx context.Context, id, token string) (ok bool, err error)
+	// beginAttempt pins cursor and counts one more attempt.
+	beginAttempt(ctx context.Context, id, token, cursor string) (ok bool, err error)
+	finish(ctx context.Context, id, token string, status Status, count int64, errText string) (ok bool, err error)
+	// release hands a running request back: pending, no claim.
+	release(ctx context.Context, id, token string) (ok bool, err error)
+	// prune deletes up to 1000 requests finished longer than retention ago.
+	prune(ctx context.Context, retention time.Duration) (int64, error)
+	classify(err error) error
+}
+
+// historySource reads the history a replay publishes, from one store.
+type historySource interface {
+	// checkAfter refuses a cursor this store cannot continue from (one of
+	// the other store, an impossible one) with apperr.Field("after", ...);
+	// other errors are classified.
+	checkAfter(ctx context.Context, c Cursor) error
+	// open starts one attempt's consistent read of j's history: every
+	// transition of j.EntityType (mode full) or the newest of each entity
+	// (mode latest), not seen by after when it is set, and, when j.pinned
+	// is set (a resumed replay), only what that cursor saw.
+	open(ctx context.Context, j job, after *Cursor) (historyRead, error)
+	// permanent reports an error of this store that no retry can fix.
+	permanent(err error) bool
+}
+
+// historyRead is one attempt's read. Its count and its events agree,
+// whatever commits meanwhile.
+type historyRead interface {
+	// cursor is what the read covers: j.pinned when set, else the read's
+	// own position (pinned by the responder before anything is published).
+	cursor() Cursor
+	// count is the number of events yields.
+	count(ctx context.Context) (int64, error)
+	// events yields the events in sequence order, holding a bounded number
+	// in memory; it stops at the first error.
+	events(ctx context.Context) iter.Seq2[envelope.Event, error]
+	// end ends the read once every event was yielded.
+	end(ctx context.Context) error
+	// close releases the read; safe after end and more than once.
+	close()
+}
+
+// errForeignCursor means a recorded cursor is of the other store's kind: a
+// request recorded by a responder on another store. No retry helps.
+var errForeignCursor = errors.New("replay: the cursor was made by another kind of store")
+
 // Submit validates req (apperr.Invalid with one message per field, against
 // the configured entity types), records it and hands it to the worker pool;
 // it never waits for the replay. It is idempotent by replay_id: submitting
@@ -51,26 +114,19 @@ func (r *Responder) Submit(ctx context.Context, req Request) (Request, error) {
 	}
 	req.ReplayID = uuid.MustParse(req.ReplayID).String() // canonical, as PostgreSQL returns it
 	if req.After != "" {
-		// The token's shape is checked above; PostgreSQL also checks the
-		// snapshot's arithmetic (xmin ≤ xmax ...): refuse it now, not as a
-		// failed replay later.
+		// The token's shape is checked above; the store checks that it can
+		// continue from it (its kind; PostgreSQL the snapshot's arithmetic,
+		// xmin ≤ xmax ...): refuse it now, not as a failed replay later.
 		c, _ := ParseCursor(req.After)
-		if _, err := r.cfg.Pool.Exec(ctx, `SELECT $1::text::pg_snapshot`, c.Snapshot); err != nil {
-			var pgErr *pgconn.PgError
-			if errors.As(err, &pgErr) && pgErr.Code[:2] == "22" {
-				return req, apperr.Field("after", "is not a replay cursor")
-			}
-			return req, pgstore.Classify(fmt.Errorf("replay: check cursor: %w", err))
+		if err := r.history.checkAfter(ctx, c); err != nil {
+			return req, err
 		}
 	}
-	tag, err := r.cfg.Pool.Exec(ctx, `
-		INSERT INTO replay_requests (replay_id, prefix, entity_type, "after", mode)
-		VALUES ($1, $2, $3, $4, $5) ON CONFLICT (replay_id) DO NOTHING`,
-		req.ReplayID, req.Prefix, req.EntityType, req.After, string(req.Mode))
+	inserted, err := r.requests.insert(ctx, req)
 	if err != nil {
-		return req, pgstore.Classify(fmt.Errorf("replay: record request: %w", err))
+		return req, r.requests.classify(fmt.Errorf("replay: record request: %w", err))
 	}
-	if tag.RowsAffected() == 1 {
+	if inserted {
 		r.log.InfoContext(ctx, "replay requested", "replay_id", req.ReplayID, "prefix", req.Prefix,
 			"entity_type", req.EntityType, "mode", req.Mode, "after", req.After != "")
 		r.enqueue(req.ReplayID)
@@ -88,37 +144,16 @@ func (r *Responder) Submit(ctx context.Context, req Request) (Request, error) {
 
 // Get returns the recorded request replayID (apperr.NotFound when none).
 func (r *Responder) Get(ctx context.Context, replayID string) (Record, error) {
-	if uuid.Validate(replayID) != nil {
+	id, err := uuid.Parse(replayID)
+	if err != nil {
 		return Record{}, apperr.Errorf(apperr.NotFound, "no replay %q", replayID)
 	}
-	var (
-		rec    Record
-		mode   string
-		count  *int64
-		cursor *string
-		errTxt *string
-	)
-	err := r.cfg.Pool.QueryRow(ctx, `
-		SELECT replay_id::text, prefix, entity_type, "after", mode, status, count, "cursor", error, attempts,
-		       requested_at, started_at, heartbeat_at, finished_at
-		FROM replay_requests WHERE replay_id = $1`, replayID).Scan(
-		&rec.ReplayID, &rec.Prefix, &rec.EntityType, &rec.After, &mode, &rec.Status, &count, &cursor, &errTxt,
-		&rec.Attempts, &rec.RequestedAt, &rec.StartedAt, &rec.HeartbeatAt, &rec.FinishedAt)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return Record{}, apperr.Errorf(apperr.NotFound, "no replay %s", replayID)
-	}
+	rec, found, err := r.requests.get(ctx, id.String())
 	if err != nil {
-		return Record{}, pgstore.Classify(fmt.Errorf("replay: get %s: %w", replayID, err))
+		return Record{}, r.requests.classify(fmt.Errorf("replay: get %s: %w", replayID, err))
 	}
-	rec.Mode = Mode(mode)
-	if count != nil {
-		rec.Count = *count
-	}
-	if cursor != nil {
-		rec.Cursor = *cursor
-	}
-	if errTxt != nil {
-		rec.Error = *errTxt
+	if !found {
+		return Record{}, apperr.Errorf(apperr.NotFound, "no replay %s", replayID)
 	}
 	return rec, nil
 }
@@ -127,26 +162,14 @@ func (r *Responder) Get(ctx context.Context, replayID string) (Record, error) {
 type job struct {
 	Request
 	claim string
-	// pinned is the snapshot (pg_snapshot text) an earlier attempt read:
+	// pinned is the cursor an earlier attempt read (nil before the first):
 	// a resumed replay sends exactly what that one set out to send.
-	pinned string
-}
-
-// staleClause selects the requests a worker may take: pending ones, and
-// running ones whose responder stopped beating. $n is StaleAfter in seconds.
-func staleClause(n int) string {
-	return fmt.Sprintf(`(status = 'pending' OR (status = 'running'
-		AND coalesce(heartbeat_at, '-infinity') < now() - make_interval(secs => $%d)))`, n)
+	pinned *Cursor
 }
 
 // claimable lists request ids a worker may take, oldest first.
 func (r *Responder) claimable(ctx context.Context, limit int) ([]string, error) {
-	rows, err := r.cfg.Pool.Query(ctx, `SELECT replay_id::text FROM replay_requests WHERE `+staleClause(1)+`
-		ORDER BY requested_at LIMIT $2`, r.cfg.StaleAfter.Seconds(), limit)
-	if err != nil {
-		return nil, fmt.Errorf("replay: list unfinished: %w", err)
-	}
-	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	ids, err := r.requests.claimable(ctx, r.cfg.StaleAfter, limit)
 	if err != nil {
 		return nil, fmt.Errorf("replay: list unfinished: %w", err)
 	}
@@ -157,26 +180,20 @@ func (r *Responder) claimable(ctx context.Context, limit int) ([]string, error) 
 // worker holds it (or it is finished): then ok is false.
 func (r *Responder) claim(ctx context.Context, id string) (j job, ok bool, err error) {
 	j.claim = uuid.NewString()
-	var mode, cursor string
-	err = r.cfg.Pool.QueryRow(ctx, `
-		UPDATE replay_requests
-		SET status = 'running', claim = $2, started_at = coalesce(started_at, now()), heartbeat_at = now()
-		WHERE replay_id = $1 AND `+staleClause(3)+`
-		RETURNING replay_id::text, prefix, entity_type, "after", mode, coalesce("cursor", '')`,
-		id, j.claim, r.cfg.StaleAfter.Seconds()).Scan(&j.ReplayID, &j.Prefix, &j.EntityType, &j.After, &mode, &cursor)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return job{}, false, nil
-	}
+	req, cursor, ok, err := r.requests.claim(ctx, id, j.claim, r.cfg.StaleAfter)
 	if err != nil {
 		return job{}, false, fmt.Errorf("replay: claim %s: %w", id, err)
 	}
-	j.Mode = Mode(mode)
+	if !ok {
+		return job{}, false, nil
+	}
+	j.Request = req
 	if cursor != "" {
 		c, err := ParseCursor(cursor)
 		if err != nil {
 			return job{}, false, fmt.Errorf("replay: %s has a corrupt cursor: %w", id, err)
 		}
-		j.pinned = c.Snapshot
+		j.pinned = &c
 	}
 	return j, true, nil
 }
@@ -185,56 +202,46 @@ func (r *Responder) claim(ctx context.Context, id string) (j job, ok bool, err e
 // heartbeat went stale): this worker must stop publishing it.
 var errLostClaim = errors.New("replay: the request was taken over by another responder")
 
-// update runs a statement on the claimed row and reports errLostClaim when
-// the row is no longer this worker's.
-func (r *Responder) update(ctx context.Context, j job, sql string, args ...any) error {
-	tag, err := r.cfg.Pool.Exec(ctx, sql, append([]any{j.ReplayID, j.claim}, args...)...)
+// claimed turns the outcome of a change to the claimed row into an error:
+// errLostClaim when the row is no longer this worker's.
+func claimed(j job, ok bool, err error) error {
 	if err != nil {
 		return fmt.Errorf("replay: update %s: %w", j.ReplayID, err)
 	}
-	if tag.RowsAffected() == 0 {
+	if !ok {
 		return errLostClaim
 	}
 	return nil
 }
 
-const whereClaimed = ` WHERE replay_id = $1 AND claim = $2 AND status = 'running'`
-
 func (r *Responder) beat(ctx context.Context, j job) error {
-	return r.update(ctx, j, `UPDATE replay_requests SET heartbeat_at = now()`+whereClaimed)
+	ok, err := r.requests.beat(ctx, j.ReplayID, j.claim)
+	return claimed(j, ok, err)
 }
 
 // beginAttempt pins the cursor before anything is published and counts the attempt.
 func (r *Responder) beginAttempt(ctx context.Context, j job, cursor string) error {
-	return r.update(ctx, j, `UPDATE replay_requests
-		SET "cursor" = $3, attempts = attempts + 1, heartbeat_at = now()`+whereClaimed, cursor)
+	ok, err := r.requests.beginAttempt(ctx, j.ReplayID, j.claim, cursor)
+	return claimed(j, ok, err)
 }
 
 func (r *Responder) finish(ctx context.Context, j job, status Status, count int64, errText string) error {
-	var e *string
-	if errText != "" {
-		e = &errText
-	}
-	return r.update(ctx, j, `UPDATE replay_requests
-		SET status = $3, count = $4, error = $5, finished_at = now(), heartbeat_at = now(), claim = NULL`+whereClaimed,
-		string(status), count, e)
+	ok, err := r.requests.finish(ctx, j.ReplayID, j.claim, status, count, errText)
+	return claimed(j, ok, err)
 }
 
 // release hands an interrupted request back, to be resumed at the next start.
 func (r *Responder) release(ctx context.Context, j job) error {
-	return r.update(ctx, j, `UPDATE replay_requests SET status = 'pending', claim = NULL`+whereClaimed)
+	ok, err := r.requests.release(ctx, j.ReplayID, j.claim)
+	return claimed(j, ok, err)
 }
 
 // prune deletes finished requests older than Retention, a bounded number
 // per call.
 func (r *Responder) prune(ctx context.Context) (int64, error) {
-	tag, err := r.cfg.Pool.Exec(ctx, `
-		DELETE FROM replay_requests WHERE replay_id IN (
-			SELECT replay_id FROM replay_requests
-			WHERE status IN ('done', 'failed') AND finished_at < now() - make_interval(secs => $1)
-			LIMIT 1000)`, r.cfg.Retention.Seconds())
+	n, err := r.requests.prune(ctx, r.cfg.Retention)
 	if err != nil {
 		return 0, fmt.Errorf("replay: prune: %w", err)
 	}
-	return tag.RowsAffected(), nil
+	return n, nil
 }

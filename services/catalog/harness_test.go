@@ -21,6 +21,7 @@ import (
 
 	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/sandbox"
+	"github.com/statemill/statemill/services/catalog/service"
 )
 
 // binaries holds the service binaries the system tests run as processes,
@@ -208,7 +209,7 @@ func (e *env) catalog(name string, rebuild bool) (string, func()) {
 		level = slog.LevelInfo
 	}
 	go func() {
-		done <- Run(ctx, Config{
+		done <- service.Run(ctx, service.Config{
 			DatabaseURL: dbURL, AMQPURL: e.amqpURL, Topology: e.topology, Name: name,
 			RebuildAtStart: rebuild, Listener: ln, DBMaxConns: 6, RebuildTimeout: 2 * time.Minute,
 			Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),

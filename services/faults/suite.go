@@ -384,7 +384,7 @@ func (s *suite) newEnv(ctx context.Context, sc scenario) (*env, error) {
 	// The shared topology and the audit queue exist before the first event
 	// is published: the audit must see every one.
 	if err := e.withChannel(func(ch *amqp091.Channel) error {
-		if err := broker.DeclareShared(ch, broker.Topology{}.WithDefaults()); err != nil {
+		if err := broker.DeclareShared(broker.WrapAMQPChannel(ch), broker.Topology{}.WithDefaults()); err != nil {
 			return err
 		}
 		if _, err := ch.QueueDeclare(auditQueue, true, false, false, false, nil); err != nil {

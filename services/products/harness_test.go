@@ -19,6 +19,7 @@ import (
 	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
 	"github.com/statemill/statemill/infra/sandbox"
+	"github.com/statemill/statemill/services/products/service"
 )
 
 // system is one products service booted by Run on port 0, against its own
@@ -62,7 +63,7 @@ func start(t *testing.T, opts ...func(*options)) *system {
 		level = slog.LevelInfo
 	}
 	go func() {
-		s.done <- Run(ctx, Config{
+		s.done <- service.Run(ctx, service.Config{
 			DatabaseURL: dbURL, AMQPURL: amqpURL, Topology: topo, Listener: ln,
 			DBMaxConns: 6, ShutdownTimeout: 10 * time.Second,
 			Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),

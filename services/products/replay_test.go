@@ -15,6 +15,7 @@ import (
 	"github.com/statemill/statemill/infra/envelope"
 	"github.com/statemill/statemill/infra/replay"
 	"github.com/statemill/statemill/infra/sandbox"
+	"github.com/statemill/statemill/services/products/service"
 )
 
 // holdsFor fails t if cond stops holding at any time within window.
@@ -38,7 +39,7 @@ func holdsFor(t *testing.T, window time.Duration, what string, cond func() bool)
 // replayQueues deletes the service's namespaced request queues when t
 // ends, after the service has stopped (else it would declare them again).
 func (s *system) replayQueues(t *testing.T) {
-	q := replayQueue(s.topology)
+	q := service.ReplayQueue(s.topology)
 	sandbox.DeleteLater(t, []string{q, q + ".dead"}, nil)
 	t.Cleanup(func() { _ = s.shutdown() }) // cleanups run last-in first-out
 }
@@ -165,7 +166,7 @@ func TestReplayOverAMQP(t *testing.T) {
 			return false
 		}
 		defer c.Close()
-		q, err := c.QueueDeclarePassive(replayQueue(s.topology), true, false, false, false, nil)
+		q, err := c.QueueDeclarePassive(service.ReplayQueue(s.topology), true, false, false, false, nil)
 		return err == nil && q.Consumers > 0
 	})
 	if err := ch.Confirm(false); err != nil {

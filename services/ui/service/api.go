@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"context"
@@ -56,19 +56,21 @@ func newAPI(model *liveview.Model, products *url.URL, cfg Config) (*api, error) 
 	}, nil
 }
 
-func (a *api) routes(r *web.Router) {
+// routes adds the ui's routes to r, each handler wrapped by wrap.
+func (a *api) routes(r *web.Router, wrap func(http.Handler) http.Handler) {
 	files := http.StripPrefix("/static/", http.FileServerFS(a.assets))
-	r.HandleFunc("GET /{$}", a.page)
-	r.Handle("GET /static/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	handle := func(pattern string, h http.HandlerFunc) { r.Handle(pattern, wrap(h)) }
+	handle("GET /{$}", a.page)
+	handle("GET /static/", func(w http.ResponseWriter, r *http.Request) {
 		// Embedded files carry no modification time, so no validators: ask
 		// the browser to check back rather than trust a stale copy.
 		w.Header().Set("Cache-Control", "no-cache")
 		files.ServeHTTP(w, r)
-	}))
-	r.HandleFunc("GET /ui/events", a.events)
-	r.HandleFunc("GET /ui/diagram.svg", a.diagram)
-	r.HandleFunc("GET /ui/products", a.list)
-	r.HandleFunc("GET /ui/products/{id}/history", a.history)
+	})
+	handle("GET /ui/events", a.events)
+	handle("GET /ui/diagram.svg", a.diagram)
+	handle("GET /ui/products", a.list)
+	handle("GET /ui/products/{id}/history", a.history)
 }
 
 func (a *api) stopStreams() { a.stopOnce.Do(func() { close(a.stopping) }) }

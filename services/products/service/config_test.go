@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"strings"
@@ -21,7 +21,7 @@ func TestConfigDeclareMode(t *testing.T) {
 		{"true", false, `AMQP_DECLARE: "true" is not a declare mode`},
 	} {
 		env := map[string]string{"DATABASE_URL": "postgres://x@localhost/x", "AMQP_DECLARE": c.value}
-		cfg, err := configFromEnv(func(k string) string { return env[k] })
+		cfg, err := ConfigFromEnv(func(k string) string { return env[k] })
 		switch {
 		case c.err != "":
 			if err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), `"passive"`) {

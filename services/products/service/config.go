@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"errors"
@@ -12,29 +12,21 @@ import (
 	"github.com/statemill/statemill/infra/broker"
 )
 
-// envVars lists every environment variable the service reads (the compose
-// test checks that docker-compose.yml sets them).
-var envVars = []string{"DATABASE_URL", "AMQP_URL", "AMQP_DECLARE", "HTTP_ADDR", "EVENTS_EXCHANGE", "COMMANDS_EXCHANGE", "CATALOG_NAME", "LOG_LEVEL"}
-
-// Config is what Run needs. Zero values take the defaults.
+// Config is what Run needs. Zero values take the defaults of DESIGN §9.
 type Config struct {
 	DatabaseURL string
 	AMQPURL     string
-	HTTPAddr    string          // default ":8081"
+	HTTPAddr    string          // default ":8080"
 	Topology    broker.Topology // default exchanges "events" and "commands"
-	// Name is the worker's name: its queues are <Name>.live, <Name>.replay
-	// and <Name>.dead, and its replays come under the prefix <Name>.
-	// Default "catalog" (env CATALOG_NAME).
-	Name string
-	// RebuildAtStart rebuilds the read model once the worker runs (-rebuild).
-	RebuildAtStart bool
-	// RebuildTimeout bounds a rebuild. Default 10m.
-	RebuildTimeout time.Duration
-	// Listener, when set, is served instead of listening on HTTPAddr.
-	Listener        net.Listener
-	ShutdownTimeout time.Duration // default 20s
-	DBMaxConns      int32         // default 16
-	Logger          *slog.Logger
+	// Listener, when set, is served instead of listening on HTTPAddr (tests
+	// pass one on port 0).
+	Listener net.Listener
+	// ShutdownTimeout bounds the graceful stop: in-flight requests and
+	// commands, then the relay's flush. Default 20s.
+	ShutdownTimeout time.Duration
+	// DBMaxConns bounds the connection pool. Default 16.
+	DBMaxConns int32
+	Logger     *slog.Logger
 }
 
 func (c *Config) setDefaults() {
@@ -42,15 +34,9 @@ func (c *Config) setDefaults() {
 		c.AMQPURL = "amqp://guest:guest@localhost:5672/"
 	}
 	if c.HTTPAddr == "" {
-		c.HTTPAddr = ":8081"
-	}
-	if c.Name == "" {
-		c.Name = "catalog"
+		c.HTTPAddr = ":8080"
 	}
 	c.Topology = c.Topology.WithDefaults()
-	if c.RebuildTimeout == 0 {
-		c.RebuildTimeout = 10 * time.Minute
-	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 20 * time.Second
 	}
@@ -67,7 +53,8 @@ func (c Config) Validate() error {
 	return c.Topology.Validate()
 }
 
-func configFromEnv(getenv func(string) string) (Config, error) {
+// ConfigFromEnv reads the environment variables of DESIGN §9.
+func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	level := slog.LevelInfo
 	if v := getenv("LOG_LEVEL"); v != "" {
 		if err := level.UnmarshalText([]byte(strings.ToUpper(v))); err != nil {
@@ -82,7 +69,6 @@ func configFromEnv(getenv func(string) string) (Config, error) {
 		DatabaseURL: getenv("DATABASE_URL"),
 		AMQPURL:     getenv("AMQP_URL"),
 		HTTPAddr:    getenv("HTTP_ADDR"),
-		Name:        getenv("CATALOG_NAME"),
 		Topology: broker.Topology{
 			EventsExchange:   getenv("EVENTS_EXCHANGE"),
 			CommandsExchange: getenv("COMMANDS_EXCHANGE"),

@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"context"
@@ -12,13 +12,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/statemill/statemill/events"
-	"github.com/statemill/statemill/infra/apperr"
 	"github.com/statemill/statemill/infra/pgstore"
-	"github.com/statemill/statemill/infra/projection"
-	"github.com/statemill/statemill/infra/startup"
 	"github.com/statemill/statemill/infra/web"
-	"github.com/statemill/statemill/projections/catalog"
 )
 
 // Run serves the catalog until ctx is done, then stops cleanly: no new
@@ -35,34 +30,9 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer pool.Close()
-	if err := startup.Retry(ctx, log, "migrate", func() error {
-		err := pgstore.Migrate(ctx, pool, catalog.Migrations())
-		if apperr.CodeOf(err) != apperr.Unavailable {
-			return startup.Permanent(err)
-		}
-		return err
-	}); err != nil {
-		return err
-	}
-
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	reg.MustRegister(catalog.Collectors()...)
-
-	proj := catalog.NewProjection(log)
-	worker, err := projection.NewWorker(projection.Config{
-		Name:                cfg.Name,
-		EntityTypes:         []string{events.EntityType},
-		Projection:          proj,
-		Pool:                pool,
-		AMQPURL:             cfg.AMQPURL,
-		Topology:            cfg.Topology,
-		Schema:              catalog.Schema,
-		RebuildTimeout:      cfg.RebuildTimeout,
-		RebuildOnFirstStart: true,
-		Logger:              log,
-		Registerer:          reg,
-	})
+	svc, err := New(ctx, cfg, Deps{Pool: pool, Registerer: reg})
 	if err != nil {
 		return err
 	}
@@ -71,20 +41,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	api := &api{reader: catalog.NewReader(pool, cfg.Name), worker: worker, projection: proj}
 	router := web.NewRouter()
-	api.routes(router)
-	router.Handle("GET /healthz", web.HealthHandler(map[string]func(context.Context) error{
-		"postgres": pool.Ping,
-		"worker": func(context.Context) error {
-			select {
-			case <-worker.Ready():
-				return nil
-			default:
-				return errors.New("not consuming yet")
-			}
-		},
-	}))
+	svc.Routes(router)
+	router.Handle("GET /healthz", web.HealthHandler(svc.Checks()))
 	router.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	srv := web.NewServer(cfg.HTTPAddr, web.Chain(router, web.RequestID, httpMetrics.Middleware, web.Log, web.Recover))
 
@@ -98,15 +57,15 @@ func Run(ctx context.Context, cfg Config) error {
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()
 	g, gctx := errgroup.WithContext(workCtx)
-	g.Go(func() error { return worker.Run(gctx) })
+	g.Go(func() error { return svc.Run(gctx) })
 	if cfg.RebuildAtStart {
 		g.Go(func() error {
 			select {
-			case <-worker.Ready():
+			case <-svc.Ready():
 			case <-gctx.Done():
 				return nil
 			}
-			id, err := worker.Rebuild(gctx)
+			id, err := svc.Rebuild(gctx)
 			if err != nil {
 				log.Error("rebuild at start", "err", err)
 				return nil

@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"errors"
@@ -12,10 +12,6 @@ import (
 
 	"github.com/statemill/statemill/infra/broker"
 )
-
-// envVars lists every environment variable the service reads (the compose
-// test checks that docker-compose.yml sets them). The ui keeps no database.
-var envVars = []string{"AMQP_URL", "AMQP_DECLARE", "HTTP_ADDR", "EVENTS_EXCHANGE", "COMMANDS_EXCHANGE", "PRODUCTS_URL", "LOG_LEVEL"}
 
 // Config is what Run needs. Zero values take the defaults.
 type Config struct {
@@ -97,7 +93,8 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-func configFromEnv(getenv func(string) string) (Config, error) {
+// ConfigFromEnv reads the environment variables of DESIGN §9 and PRODUCTS_URL.
+func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	level := slog.LevelInfo
 	if v := getenv("LOG_LEVEL"); v != "" {
 		if err := level.UnmarshalText([]byte(strings.ToUpper(v))); err != nil {

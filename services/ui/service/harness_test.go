@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"bufio"
@@ -37,7 +37,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	productsBinary = filepath.Join(dir, "products")
-	cmd := exec.Command("go", "build", "-o", productsBinary, "../products")
+	cmd := exec.Command("go", "build", "-o", productsBinary, "../../products")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintf(os.Stderr, "build products: %v\n", err)

@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"context"
@@ -18,41 +18,61 @@ import (
 
 	"github.com/statemill/statemill/events"
 	"github.com/statemill/statemill/infra/apperr"
+	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/projection"
 	"github.com/statemill/statemill/infra/web"
 	"github.com/statemill/statemill/projections/liveview"
 )
 
-// Run serves the ui until ctx is done, then stops cleanly: event streams
-// end (browsers reconnect to another instance or when this one is back),
-// requests in flight finish, the queue is left to expire.
-func Run(ctx context.Context, cfg Config) error {
+// Deps are what a Service runs on.
+type Deps struct {
+	// Dial connects to the broker. Default broker.AMQPDialer(Config.AMQPURL).
+	Dial       broker.Dialer
+	Registerer prometheus.Registerer
+}
+
+// Service is the live ui: the page, its event streams and the in-memory
+// model a View keeps. Run serves it alone; services/all mounts it beside
+// the other services.
+type Service struct {
+	api    *api
+	view   *projection.View
+	prefix string
+}
+
+// New builds the ui; nothing runs until Run.
+func New(cfg Config, deps Deps) (*Service, error) {
 	cfg.setDefaults()
 	if err := cfg.Validate(); err != nil {
-		return err
+		return nil, err
 	}
 	if cfg.Prefix == "" {
 		p, err := projection.InstancePrefix("ui")
 		if err != nil {
-			return err
+			return nil, err
 		}
 		cfg.Prefix = p
+	}
+	if deps.Dial == nil {
+		deps.Dial = broker.AMQPDialer(cfg.AMQPURL)
+	}
+	if deps.Registerer == nil {
+		deps.Registerer = prometheus.NewRegistry()
 	}
 	log := cfg.Logger.With("instance", cfg.Prefix)
 	products, err := url.Parse(strings.TrimRight(cfg.ProductsURL, "/"))
 	if err != nil {
-		return fmt.Errorf("PRODUCTS_URL: %w", err)
+		return nil, fmt.Errorf("PRODUCTS_URL: %w", err)
 	}
-
 	model, err := liveview.New(liveview.Config{History: cfg.History, Logger: log})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	view, err := projection.NewView(projection.ViewConfig{
 		Prefix:        cfg.Prefix,
 		EntityTypes:   []string{events.EntityType},
 		Projection:    model,
-		AMQPURL:       cfg.AMQPURL,
+		Dial:          deps.Dial,
 		Topology:      cfg.Topology,
 		QueueExpires:  cfg.QueueExpires,
 		ReplayTimeout: cfg.ReplayTimeout,
@@ -64,26 +84,31 @@ func Run(ctx context.Context, cfg Config) error {
 		Logger: log,
 	})
 	if err != nil {
-		return fmt.Errorf("view: %w%s", err, fieldsText(err))
+		return nil, fmt.Errorf("view: %w%s", err, fieldsText(err))
 	}
-
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	reg.MustRegister(viewCollectors(model, view)...)
-	httpMetrics, err := web.NewHTTPMetrics(reg)
-	if err != nil {
-		return err
+	for _, c := range viewCollectors(model, view) {
+		if err := deps.Registerer.Register(c); err != nil {
+			return nil, err
+		}
 	}
-
 	a, err := newAPI(model, products, cfg)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	router := web.NewRouter()
-	a.routes(router)
-	router.Handle("GET /healthz", web.HealthHandler(map[string]func(context.Context) error{
+	return &Service{api: a, view: view, prefix: cfg.Prefix}, nil
+}
+
+// Routes adds the page (/), its assets (/static/) and the ui's API (/ui/...)
+// to r, behind the page's security headers.
+func (s *Service) Routes(r *web.Router) {
+	s.api.routes(r, securityHeaders)
+}
+
+// Checks are the ui's health checks.
+func (s *Service) Checks() map[string]func(context.Context) error {
+	return map[string]func(context.Context) error{
 		"broker": func(context.Context) error {
-			if !view.Status().Connected {
+			if !s.view.Status().Connected {
 				return errors.New("not consuming")
 			}
 			return nil
@@ -91,17 +116,46 @@ func Run(ctx context.Context, cfg Config) error {
 		// Until the latest replay is complete the page would be missing
 		// products.
 		"model": func(context.Context) error {
-			if st := view.Status(); st.Replaying {
+			if st := s.view.Status(); st.Replaying {
 				return fmt.Errorf("replaying: %d of %d events", st.Received, st.Expected)
 			}
 			return nil
 		},
-	}))
+	}
+}
+
+// Queue is the name of the instance's queue.
+func (s *Service) Queue() string { return s.view.Queue() }
+
+// Run keeps the model until ctx is done.
+func (s *Service) Run(ctx context.Context) error { return s.view.Run(ctx) }
+
+// StopStreams ends the event streams: an HTTP server's Shutdown waits for
+// handlers to return, and a stream never does on its own.
+func (s *Service) StopStreams() { s.api.stopStreams() }
+
+// Run serves the ui until ctx is done, then stops cleanly: event streams
+// end (browsers reconnect to another instance or when this one is back),
+// requests in flight finish, the queue is left to expire.
+func Run(ctx context.Context, cfg Config) error {
+	cfg.setDefaults()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	svc, err := New(cfg, Deps{Registerer: reg})
+	if err != nil {
+		return err
+	}
+	log := cfg.Logger.With("instance", svc.prefix)
+	httpMetrics, err := web.NewHTTPMetrics(reg)
+	if err != nil {
+		return err
+	}
+	router := web.NewRouter()
+	svc.Routes(router)
+	router.Handle("GET /healthz", web.HealthHandler(svc.Checks()))
 	router.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	srv := web.NewServer(cfg.HTTPAddr, web.Chain(router, web.RequestID, httpMetrics.Middleware, web.Log, web.Recover, securityHeaders))
-	// Shutdown waits for handlers to return, and an event stream never does
-	// on its own: end them as the shutdown begins.
-	srv.RegisterOnShutdown(a.stopStreams)
+	srv := web.NewServer(cfg.HTTPAddr, web.Chain(router, web.RequestID, httpMetrics.Middleware, web.Log, web.Recover))
+	srv.RegisterOnShutdown(svc.StopStreams)
 
 	ln := cfg.Listener
 	if ln == nil {
@@ -113,9 +167,9 @@ func Run(ctx context.Context, cfg Config) error {
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()
 	g, gctx := errgroup.WithContext(workCtx)
-	g.Go(func() error { return view.Run(gctx) })
+	g.Go(func() error { return svc.Run(gctx) })
 	g.Go(func() error {
-		log.Info("ui service listening", "addr", ln.Addr().String(), "queue", view.Queue(), "products_url", products.String())
+		log.Info("ui service listening", "addr", ln.Addr().String(), "queue", svc.Queue(), "products_url", cfg.ProductsURL)
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("serve: %w", err)
 		}

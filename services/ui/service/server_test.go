@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"context"
@@ -51,10 +51,10 @@ func serve(t *testing.T, products string, timeouts time.Duration, edit func(*Con
 		t.Fatal(err)
 	}
 	router := web.NewRouter()
-	a.routes(router)
+	a.routes(router, securityHeaders)
 	// The middleware of Run: the stream must work through its wrappers.
 	srv := &http.Server{
-		Handler:     web.Chain(router, web.RequestID, web.Recover, securityHeaders),
+		Handler:     web.Chain(router, web.RequestID, web.Recover),
 		ReadTimeout: timeouts, WriteTimeout: timeouts, ReadHeaderTimeout: timeouts, IdleTimeout: timeouts,
 	}
 	srv.RegisterOnShutdown(a.stopStreams)
@@ -299,7 +299,7 @@ func TestHistoryProxyFailures(t *testing.T) {
 
 func TestConfigFromEnv(t *testing.T) {
 	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
-	cfg, err := configFromEnv(env(nil))
+	cfg, err := ConfigFromEnv(env(nil))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -307,7 +307,7 @@ func TestConfigFromEnv(t *testing.T) {
 		cfg.Topology.EventsExchange != "events" || cfg.Topology.CommandsExchange != "commands" || cfg.Heartbeat <= 0 {
 		t.Fatalf("defaults: %+v", cfg)
 	}
-	cfg, err = configFromEnv(env(map[string]string{"HTTP_ADDR": ":9", "PRODUCTS_URL": "http://products:8080", "EVENTS_EXCHANGE": "e", "COMMANDS_EXCHANGE": "c"}))
+	cfg, err = ConfigFromEnv(env(map[string]string{"HTTP_ADDR": ":9", "PRODUCTS_URL": "http://products:8080", "EVENTS_EXCHANGE": "e", "COMMANDS_EXCHANGE": "c"}))
 	if err != nil || cfg.HTTPAddr != ":9" || cfg.ProductsURL != "http://products:8080" || cfg.Topology.EventsExchange != "e" || cfg.Topology.CommandsExchange != "c" {
 		t.Fatalf("from env: %+v %v", cfg, err)
 	}
@@ -316,8 +316,8 @@ func TestConfigFromEnv(t *testing.T) {
 		{"PRODUCTS_URL": "ftp://products"},
 		{"LOG_LEVEL": "loud"},
 	} {
-		if _, err := configFromEnv(env(bad)); err == nil {
-			t.Errorf("configFromEnv(%v) accepted it", bad)
+		if _, err := ConfigFromEnv(env(bad)); err == nil {
+			t.Errorf("ConfigFromEnv(%v) accepted it", bad)
 		}
 	}
 	// Run refuses what the view refuses, without starting anything.

@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"errors"
@@ -12,25 +12,25 @@ import (
 	"github.com/statemill/statemill/infra/broker"
 )
 
-// envVars lists every environment variable the service reads (the compose
-// test checks that docker-compose.yml sets them).
-var envVars = []string{"DATABASE_URL", "AMQP_URL", "AMQP_DECLARE", "HTTP_ADDR", "EVENTS_EXCHANGE", "COMMANDS_EXCHANGE", "LOG_LEVEL"}
-
-// Config is what Run needs. Zero values take the defaults of DESIGN §9.
+// Config is what Run needs. Zero values take the defaults.
 type Config struct {
 	DatabaseURL string
 	AMQPURL     string
-	HTTPAddr    string          // default ":8080"
+	HTTPAddr    string          // default ":8081"
 	Topology    broker.Topology // default exchanges "events" and "commands"
-	// Listener, when set, is served instead of listening on HTTPAddr (tests
-	// pass one on port 0).
-	Listener net.Listener
-	// ShutdownTimeout bounds the graceful stop: in-flight requests and
-	// commands, then the relay's flush. Default 20s.
-	ShutdownTimeout time.Duration
-	// DBMaxConns bounds the connection pool. Default 16.
-	DBMaxConns int32
-	Logger     *slog.Logger
+	// Name is the worker's name: its queues are <Name>.live, <Name>.replay
+	// and <Name>.dead, and its replays come under the prefix <Name>.
+	// Default "catalog" (env CATALOG_NAME).
+	Name string
+	// RebuildAtStart rebuilds the read model once the worker runs (-rebuild).
+	RebuildAtStart bool
+	// RebuildTimeout bounds a rebuild. Default 10m.
+	RebuildTimeout time.Duration
+	// Listener, when set, is served instead of listening on HTTPAddr.
+	Listener        net.Listener
+	ShutdownTimeout time.Duration // default 20s
+	DBMaxConns      int32         // default 16
+	Logger          *slog.Logger
 }
 
 func (c *Config) setDefaults() {
@@ -38,9 +38,15 @@ func (c *Config) setDefaults() {
 		c.AMQPURL = "amqp://guest:guest@localhost:5672/"
 	}
 	if c.HTTPAddr == "" {
-		c.HTTPAddr = ":8080"
+		c.HTTPAddr = ":8081"
+	}
+	if c.Name == "" {
+		c.Name = "catalog"
 	}
 	c.Topology = c.Topology.WithDefaults()
+	if c.RebuildTimeout == 0 {
+		c.RebuildTimeout = 10 * time.Minute
+	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 20 * time.Second
 	}
@@ -57,7 +63,8 @@ func (c Config) Validate() error {
 	return c.Topology.Validate()
 }
 
-func configFromEnv(getenv func(string) string) (Config, error) {
+// ConfigFromEnv reads the environment variables of DESIGN §9 and CATALOG_NAME.
+func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	level := slog.LevelInfo
 	if v := getenv("LOG_LEVEL"); v != "" {
 		if err := level.UnmarshalText([]byte(strings.ToUpper(v))); err != nil {
@@ -72,6 +79,7 @@ func configFromEnv(getenv func(string) string) (Config, error) {
 		DatabaseURL: getenv("DATABASE_URL"),
 		AMQPURL:     getenv("AMQP_URL"),
 		HTTPAddr:    getenv("HTTP_ADDR"),
+		Name:        getenv("CATALOG_NAME"),
 		Topology: broker.Topology{
 			EventsExchange:   getenv("EVENTS_EXCHANGE"),
 			CommandsExchange: getenv("COMMANDS_EXCHANGE"),
