@@ -1,17 +1,21 @@
 # statemill: everyday commands. `make test` is what CI runs (.ci/run).
 GO ?= go
 
-.PHONY: all run test fmt-check vet tidy-check bench bench-short lint fuzz up
+.PHONY: all run run-services test fmt-check vet tidy-check bench bench-short lint fuzz up
 
 all: test
 
-# Local defaults for `make run`: the machine's PostgreSQL and RabbitMQ.
+# Local defaults for `make run-services`: the machine's PostgreSQL and RabbitMQ.
 DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/statemill?sslmode=disable
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export DATABASE_URL AMQP_URL
 
-## run: the products service (:8080), the catalog (:8081) and the live page (:8082) against local PostgreSQL and RabbitMQ; Ctrl-C stops them
+## run: the whole system in one process on :8080, embedded (SQLite in var/, an in-process broker): nothing to install
 run:
+	env -u DATABASE_URL -u AMQP_URL $(GO) run ./services/all
+
+## run-services: the products service (:8080), the catalog (:8081) and the live page (:8082) as separate processes against local PostgreSQL and RabbitMQ; Ctrl-C stops them
+run-services:
 	@psql "$(subst /statemill?,/postgres?,$(DATABASE_URL))" -Atqc "SELECT 1 FROM pg_database WHERE datname = 'statemill'" | grep -q 1 || \
 		psql "$(subst /statemill?,/postgres?,$(DATABASE_URL))" -qc "CREATE DATABASE statemill"
 	$(GO) build -o bin/ ./services/products ./services/catalog ./services/ui
