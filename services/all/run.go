@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
-	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -115,48 +113,24 @@ func Run(ctx context.Context, cfg Config) error {
 	srv := web.NewServer(cfg.HTTPAddr, web.Chain(router, web.RequestID, httpMetrics.Middleware, web.Log, web.Recover))
 	srv.RegisterOnShutdown(uiSvc.StopStreams)
 
-	// Background work runs on its own context: on shutdown it stops only
-	// after the HTTP server and the commands in flight have.
-	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopWork()
-	g, gctx := errgroup.WithContext(workCtx)
-	g.Go(func() error { return productsSvc.Run(gctx) })
-	g.Go(func() error { return catalogSvc.Run(gctx) })
-	g.Go(func() error { return uiSvc.Run(gctx) })
-	g.Go(func() error {
-		select {
-		case <-productsSvc.Accepting():
-		case <-gctx.Done():
-			return nil
-		}
-		log.Info("statemill listening", "addr", ln.Addr().String(), "url", self, "backends", where)
-		fmt.Fprintf(cfg.Out, "statemill is running at %s (%s)\n", self, where)
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("serve: %w", err)
-		}
-		return nil
-	})
-
-	select {
-	case <-ctx.Done():
-	case <-gctx.Done():
+	// One background task runs the three parts; the first to fail stops all.
+	background := func(ctx context.Context) error {
+		g, gctx := errgroup.WithContext(ctx)
+		g.Go(func() error { return productsSvc.Run(gctx) })
+		g.Go(func() error { return catalogSvc.Run(gctx) })
+		g.Go(func() error { return uiSvc.Run(gctx) })
+		return g.Wait()
 	}
-	log.Info("statemill stopping")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-	defer cancel()
-	var errs []error
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		errs = append(errs, fmt.Errorf("http shutdown: %w", err))
-	}
-	if err := productsSvc.Drain(shutdownCtx); err != nil {
-		errs = append(errs, err)
-	}
-	stopWork()
-	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
-		errs = append(errs, err)
-	}
+	err = web.Lifecycle{
+		Server: srv, Listener: ln, Background: background, Accepting: productsSvc.Accepting(),
+		Drain: productsSvc.Drain, ShutdownTimeout: cfg.ShutdownTimeout,
+		Serving: func() {
+			log.Info("statemill listening", "addr", ln.Addr().String(), "url", self, "backends", where)
+			fmt.Fprintf(cfg.Out, "statemill is running at %s (%s)\n", self, where)
+		},
+	}.Run(ctx)
 	log.Info("statemill stopped")
-	return errors.Join(errs...)
+	return err
 }
 
 // baseURL is the URL a browser on this machine opens for addr: a wildcard

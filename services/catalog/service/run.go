@@ -2,15 +2,12 @@ package service
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
-	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/statemill/statemill/infra/pgstore"
 	"github.com/statemill/statemill/infra/web"
@@ -54,49 +51,29 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 
-	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopWork()
-	g, gctx := errgroup.WithContext(workCtx)
-	g.Go(func() error { return svc.Run(gctx) })
+	background := svc.Run
 	if cfg.RebuildAtStart {
-		g.Go(func() error {
-			select {
-			case <-svc.Ready():
-			case <-gctx.Done():
-				return nil
-			}
-			id, err := svc.Rebuild(gctx)
-			if err != nil {
-				log.Error("rebuild at start", "err", err)
-				return nil
-			}
-			log.Info("rebuild started", "replay_id", id)
-			return nil
-		})
-	}
-	g.Go(func() error {
-		log.Info("catalog service listening", "addr", ln.Addr().String(), "worker", cfg.Name)
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("serve: %w", err)
+		background = func(ctx context.Context) error {
+			go func() {
+				select {
+				case <-svc.Ready():
+				case <-ctx.Done():
+					return
+				}
+				id, err := svc.Rebuild(ctx)
+				if err != nil {
+					log.Error("rebuild at start", "err", err)
+					return
+				}
+				log.Info("rebuild started", "replay_id", id)
+			}()
+			return svc.Run(ctx)
 		}
-		return nil
-	})
-
-	select {
-	case <-ctx.Done():
-	case <-gctx.Done():
 	}
-	log.Info("catalog service stopping")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-	defer cancel()
-	var errs []error
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		errs = append(errs, fmt.Errorf("http shutdown: %w", err))
-	}
-	stopWork()
-	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
-		errs = append(errs, err)
-	}
+	err = web.Lifecycle{
+		Server: srv, Listener: ln, Background: background, ShutdownTimeout: cfg.ShutdownTimeout,
+		Serving: func() { log.Info("catalog service listening", "addr", ln.Addr().String(), "worker", cfg.Name) },
+	}.Run(ctx)
 	log.Info("catalog service stopped")
-	return errors.Join(errs...)
+	return err
 }

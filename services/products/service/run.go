@@ -5,13 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill-amqp/v3/pkg/amqp"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/statemill/statemill/handlers"
 	"github.com/statemill/statemill/infra/broker"
@@ -76,45 +74,13 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 
-	// Background work runs on its own context: on shutdown it stops only
-	// after the HTTP server and the commands in flight have.
-	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopWork()
-	g, gctx := errgroup.WithContext(workCtx)
-	g.Go(func() error { return svc.Run(gctx) })
-	g.Go(func() error {
-		select {
-		case <-svc.Accepting():
-		case <-gctx.Done():
-			return nil
-		}
-		log.Info("products service listening", "addr", ln.Addr().String())
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("serve: %w", err)
-		}
-		return nil
-	})
-
-	select {
-	case <-ctx.Done():
-	case <-gctx.Done():
-	}
-	log.Info("products service stopping")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-	defer cancel()
-	var errs []error
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		errs = append(errs, fmt.Errorf("http shutdown: %w", err))
-	}
-	if err := svc.Drain(shutdownCtx); err != nil {
-		errs = append(errs, err)
-	}
-	stopWork()
-	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
-		errs = append(errs, err)
-	}
+	err = web.Lifecycle{
+		Server: srv, Listener: ln, Background: svc.Run, Accepting: svc.Accepting(), Drain: svc.Drain,
+		ShutdownTimeout: cfg.ShutdownTimeout,
+		Serving:         func() { log.Info("products service listening", "addr", ln.Addr().String()) },
+	}.Run(ctx)
 	log.Info("products service stopped")
-	return errors.Join(errs...)
+	return err
 }
 
 // ReplayQueue is the request queue for topology: DESIGN's

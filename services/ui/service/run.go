@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"maps"
 	"net"
-	"net/http"
 	"net/url"
 	"slices"
 	"strings"
@@ -14,7 +13,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/statemill/statemill/events"
 	"github.com/statemill/statemill/infra/apperr"
@@ -164,35 +162,14 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 
-	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopWork()
-	g, gctx := errgroup.WithContext(workCtx)
-	g.Go(func() error { return svc.Run(gctx) })
-	g.Go(func() error {
-		log.Info("ui service listening", "addr", ln.Addr().String(), "queue", svc.Queue(), "products_url", cfg.ProductsURL)
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("serve: %w", err)
-		}
-		return nil
-	})
-
-	select {
-	case <-ctx.Done():
-	case <-gctx.Done():
-	}
-	log.Info("ui service stopping")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-	defer cancel()
-	var errs []error
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		errs = append(errs, fmt.Errorf("http shutdown: %w", err))
-	}
-	stopWork()
-	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
-		errs = append(errs, err)
-	}
+	err = web.Lifecycle{
+		Server: srv, Listener: ln, Background: svc.Run, ShutdownTimeout: cfg.ShutdownTimeout,
+		Serving: func() {
+			log.Info("ui service listening", "addr", ln.Addr().String(), "queue", svc.Queue(), "products_url", cfg.ProductsURL)
+		},
+	}.Run(ctx)
 	log.Info("ui service stopped")
-	return errors.Join(errs...)
+	return err
 }
 
 // fieldsText spells out the per-field messages of an apperr error, which
