@@ -86,6 +86,8 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Service, error) {
 	}); err != nil {
 		return nil, err
 	}
+	// Only reaching the broker is retried: a refusal (a missing permission,
+	// a passive declare that finds nothing, other arguments) will not go away.
 	if err := startup.Retry(ctx, log, "declare the broker topology", func() error {
 		conn, err := deps.Dial("statemill products topology")
 		if err != nil {
@@ -97,7 +99,7 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Service, error) {
 			return err
 		}
 		defer ch.Close()
-		return broker.DeclareShared(ch, cfg.Topology)
+		return startup.Permanent(broker.DeclareShared(ch, cfg.Topology))
 	}); err != nil {
 		return nil, fmt.Errorf("declare topology: %w", err)
 	}
