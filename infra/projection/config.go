@@ -24,6 +24,16 @@ const (
 	DefaultBatchSize      = 100
 	DefaultBatchDelay     = 5 * time.Millisecond
 	DefaultRebuildTimeout = 10 * time.Minute
+
+	// A replay is throughput, not latency: larger and longer batches cost
+	// the read model fewer commits per event. Measured on S4 (300k events
+	// into the catalog, 2 vCPUs, three alternating pairs, with the replay
+	// responder's window raised to 1024): batches grew from ~30 to ~130
+	// events and the PostgreSQL, catalog and products CPU per event fell
+	// from 134-184 to 112-114 µs.
+	DefaultReplayPrefetch   = 1000
+	DefaultReplayBatchSize  = 500
+	DefaultReplayBatchDelay = 20 * time.Millisecond
 )
 
 // StateTable is the table, in Config.Schema, where the runtime keeps each
@@ -71,6 +81,14 @@ type Config struct {
 	// BatchDelay is how long a batch waits for more deliveries after its
 	// first one; default 5ms.
 	BatchDelay time.Duration
+	// ReplayPrefetch, ReplayBatchSize and ReplayBatchDelay are the same
+	// for each consumer of N.replay during a rebuild or catch-up; defaults
+	// 1000, 500 and 20ms. The replay producer's confirm window (replay.Config
+	// Window) bounds the deliveries these consumers can get at once, so it
+	// should be at least ReplayBatchSize.
+	ReplayPrefetch   int
+	ReplayBatchSize  int
+	ReplayBatchDelay time.Duration
 	// RebuildTimeout bounds a rebuild or catch-up from its request to its
 	// swap; default 10 minutes.
 	RebuildTimeout time.Duration
@@ -103,6 +121,15 @@ func (c Config) withDefaults() Config {
 	}
 	if c.BatchDelay <= 0 {
 		c.BatchDelay = DefaultBatchDelay
+	}
+	if c.ReplayPrefetch <= 0 {
+		c.ReplayPrefetch = DefaultReplayPrefetch
+	}
+	if c.ReplayBatchSize <= 0 {
+		c.ReplayBatchSize = DefaultReplayBatchSize
+	}
+	if c.ReplayBatchDelay <= 0 {
+		c.ReplayBatchDelay = DefaultReplayBatchDelay
 	}
 	if c.RebuildTimeout <= 0 {
 		c.RebuildTimeout = DefaultRebuildTimeout
@@ -158,6 +185,9 @@ func (c Config) Validate() error {
 	}
 	if c.BatchSize > c.Prefetch {
 		f.Add("batch_size", "must not exceed the prefetch, or a batch never fills")
+	}
+	if c.ReplayBatchSize > c.ReplayPrefetch {
+		f.Add("replay_batch_size", "must not exceed the replay prefetch, or a batch never fills")
 	}
 	if slices.ContainsFunc(c.EntityTypes, func(et string) bool { return et == c.Name }) {
 		f.Add("name", "must not be one of the entity types")

@@ -23,11 +23,29 @@ import (
 // errDeliveriesClosed means the channel or connection of a consumer closed.
 var errDeliveriesClosed = errors.New("projection: deliveries closed")
 
-// consumeLoop collects deliveries into batches of up to BatchSize, waiting
-// at most BatchDelay after the first one, and hands each batch to handle.
-// It returns nil when ctx is done (after the batch in flight) and
+// batching is how one consumer takes its queue: the prefetch, the most
+// deliveries in a batch, and how long a batch waits for more after its
+// first one.
+type batching struct {
+	prefetch, size int
+	delay          time.Duration
+}
+
+// liveBatching serves N.live, where a batch's wait is latency.
+func (c Config) liveBatching() batching {
+	return batching{prefetch: c.Prefetch, size: c.BatchSize, delay: c.BatchDelay}
+}
+
+// replayBatching serves N.replay, where only throughput counts.
+func (c Config) replayBatching() batching {
+	return batching{prefetch: c.ReplayPrefetch, size: c.ReplayBatchSize, delay: c.ReplayBatchDelay}
+}
+
+// consumeLoop collects deliveries into batches of up to b.size, waiting at
+// most b.delay after the first one, and hands each batch to handle. It
+// returns nil when ctx is done (after the batch in flight) and
 // errDeliveriesClosed when the channel closes.
-func (w *Worker) consumeLoop(ctx context.Context, ch broker.Channel, deliveries <-chan amqp091.Delivery,
+func (w *Worker) consumeLoop(ctx context.Context, ch broker.Channel, deliveries <-chan amqp091.Delivery, b batching,
 	handle func(context.Context, broker.Channel, []amqp091.Delivery)) error {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
@@ -41,12 +59,12 @@ func (w *Worker) consumeLoop(ctx context.Context, ch broker.Channel, deliveries 
 			if !ok {
 				return errDeliveriesClosed
 			}
-			batch = append(make([]amqp091.Delivery, 0, w.cfg.BatchSize), d)
+			batch = append(make([]amqp091.Delivery, 0, b.size), d)
 		}
 		open := true
-		timer.Reset(w.cfg.BatchDelay)
+		timer.Reset(b.delay)
 	fill:
-		for len(batch) < w.cfg.BatchSize {
+		for len(batch) < b.size {
 			select {
 			case d, ok := <-deliveries:
 				if !ok {

@@ -27,8 +27,9 @@ import (
 // that subscriber hands over one message at a time
 // and waits for its ack, so every event would cost a read-model transaction
 // of its own. The rebuild goal of ≥10k events/s (baselines §7.5) needs
-// batches of up to BatchSize events per transaction and one ack per batch,
-// fed by a prefetch well above the batch size.
+// batches of up to BatchSize events per transaction (ReplayBatchSize for
+// replays) and one ack per batch, fed by a prefetch well above the batch
+// size.
 //
 // One process per worker name is the normal deployment. Several processes
 // with the same name share N.live as competing consumers and are safe; the
@@ -183,7 +184,7 @@ func (w *Worker) session(ctx context.Context, created, reconnect bool) (connecte
 	if err != nil {
 		return false, err
 	}
-	liveCh, deliveries, err := w.consume(conn, w.liveQueue())
+	liveCh, deliveries, err := w.consume(conn, w.liveQueue(), w.cfg.liveBatching())
 	if err != nil {
 		return false, err
 	}
@@ -212,7 +213,7 @@ func (w *Worker) session(ctx context.Context, created, reconnect bool) (connecte
 	wg.Add(2 + replayConsumers)
 	go func() {
 		defer wg.Done()
-		liveDone <- w.consumeLoop(ctx, liveCh, deliveries, w.handleLive)
+		liveDone <- w.consumeLoop(ctx, liveCh, deliveries, w.cfg.liveBatching(), w.handleLive)
 	}()
 	for i := range replayConsumers {
 		go func() {
@@ -384,14 +385,14 @@ func (w *Worker) declare(conn broker.Conn) (liveExisted bool, err error) {
 	return liveExisted, nil
 }
 
-// consume opens a channel with the prefetch and consumes queue with manual
+// consume opens a channel with b's prefetch and consumes queue with manual
 // acks.
-func (w *Worker) consume(conn broker.Conn, queue string) (broker.Channel, <-chan amqp091.Delivery, error) {
+func (w *Worker) consume(conn broker.Conn, queue string, b batching) (broker.Channel, <-chan amqp091.Delivery, error) {
 	ch, err := conn.Channel()
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := ch.Qos(w.cfg.Prefetch, 0, false); err != nil {
+	if err := ch.Qos(b.prefetch, 0, false); err != nil {
 		_ = ch.Close()
 		return nil, nil, fmt.Errorf("qos %s: %w", queue, err)
 	}
@@ -446,7 +447,7 @@ func (w *Worker) replayConsumer(ctx context.Context, conn broker.Conn, source st
 }
 
 func (w *Worker) consumeReplay(ctx context.Context, conn broker.Conn, r *run, source string) error {
-	ch, deliveries, err := w.consume(conn, w.replayQueue())
+	ch, deliveries, err := w.consume(conn, w.replayQueue(), w.cfg.replayBatching())
 	if err != nil {
 		return err
 	}
@@ -461,7 +462,7 @@ func (w *Worker) consumeReplay(ctx context.Context, conn broker.Conn, r *run, so
 		case <-rctx.Done():
 		}
 	}()
-	return w.consumeLoop(rctx, ch, deliveries, func(ctx context.Context, ch broker.Channel, batch []amqp091.Delivery) {
+	return w.consumeLoop(rctx, ch, deliveries, w.cfg.replayBatching(), func(ctx context.Context, ch broker.Channel, batch []amqp091.Delivery) {
 		w.handleReplay(ctx, ch, r, source, batch)
 	})
 }

@@ -49,6 +49,8 @@ func TestConfigValidate(t *testing.T) {
 		"no pool":              {func(c *projection.Config) { c.Pool = nil }, "pool"},
 		"no broker":            {func(c *projection.Config) { c.AMQPURL = "" }, "amqp_url"},
 		"batch above prefetch": {func(c *projection.Config) { c.Prefetch, c.BatchSize = 10, 20 }, "batch_size"},
+		"replay batch above prefetch": {
+			func(c *projection.Config) { c.ReplayPrefetch, c.ReplayBatchSize = 10, 20 }, "replay_batch_size"},
 	}
 	for name, tc := range cases {
 		c := valid
