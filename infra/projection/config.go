@@ -26,11 +26,11 @@ const (
 	DefaultRebuildTimeout = 10 * time.Minute
 
 	// A replay is throughput, not latency: larger and longer batches cost
-	// the read model fewer commits per event. Measured on S4 (300k events
-	// into the catalog, 2 vCPUs, three alternating pairs, with the replay
-	// responder's window raised to 1024): batches grew from ~30 to ~130
-	// events and the PostgreSQL, catalog and products CPU per event fell
-	// from 134-184 to 112-114 µs.
+	// the read model fewer commits per event. Measured by the benchmark's
+	// S4 (a rebuild of 300k events, 2 vCPUs, three alternating pairs, with
+	// the replay responder's window raised to 1024): batches grew from ~30
+	// to ~130 events and the CPU per event of the database, the worker and
+	// the replay responder together fell from 134-184 to 112-114 µs.
 	DefaultReplayPrefetch   = 1000
 	DefaultReplayBatchSize  = 500
 	DefaultReplayBatchDelay = 20 * time.Millisecond
