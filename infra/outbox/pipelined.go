@@ -168,9 +168,7 @@ type PipelinedRelay struct {
 	closeOnce   sync.Once
 
 	// Owned by Run's goroutine.
-	conn        broker.Conn
-	pub         *broker.ConfirmPublisher
-	dialled     bool // a connection existed before: the next dial is a reconnect
+	broker      brokerSession
 	needOffsets bool // the offsets row must be ensured before the next batch
 	wakeErrSeen bool // a failure to set the wake-up flag was logged
 
@@ -196,6 +194,7 @@ func NewPipelinedRelay(c PipelinedConfig) (*PipelinedRelay, error) {
 		wake:        make(chan struct{}, 1),
 		running:     make(chan struct{}),
 		closed:      make(chan struct{}),
+		broker:      brokerSession{dial: c.Dial, window: c.Window},
 		needOffsets: true,
 	}, nil
 }
@@ -260,7 +259,7 @@ func (r *PipelinedRelay) Run(ctx context.Context) error {
 	}()
 	wg.Go(func() { r.tables.pruneLoop(ctx) })
 	wg.Go(func() { r.listen(ctx) })
-	defer r.dropBroker()
+	defer r.broker.drop()
 
 	asleep := r.loop(ctx)
 	if asleep {
@@ -363,7 +362,11 @@ type look struct {
 // transaction ends, a sleeping relay wakes up before it publishes: it will
 // poll from now on, so commands can stop notifying.
 func (r *PipelinedRelay) step(ctx context.Context, probe bool, asleep *bool) (look, error) {
-	if err := r.ensurePublisher(); err != nil {
+	reconnect, err := r.broker.ensure()
+	if reconnect {
+		r.reconnects.Add(1)
+	}
+	if err != nil {
 		return look{}, err
 	}
 	if r.needOffsets {
@@ -465,7 +468,7 @@ func (r *PipelinedRelay) relayBatch(ctx context.Context) (int, bool, error) {
 	// would only publish it again later. BatchDeadline bounds it instead.
 	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.config.BatchDeadline)
 	defer cancel()
-	conn := r.conn
+	conn := r.broker.conn
 	stopWatchdog := context.AfterFunc(bctx, func() { _ = conn.Close() })
 	defer stopWatchdog() // runs before cancel: a batch that ended in time keeps its connection
 
@@ -552,13 +555,13 @@ func (r *PipelinedRelay) relayBatch(ctx context.Context) (int, bool, error) {
 			skipped++
 			continue
 		}
-		if err := r.pub.Publish(bctx, r.config.Exchange, routingKey, p); err != nil {
-			r.dropBroker()
+		if err := r.broker.pub.Publish(bctx, r.config.Exchange, routingKey, p); err != nil {
+			r.broker.drop()
 			return 0, false, fmt.Errorf("outbox: publish %s: %w", msg.UUID, err)
 		}
 	}
-	if err := r.pub.Wait(bctx); err != nil {
-		r.dropBroker()
+	if err := r.broker.pub.Wait(bctx); err != nil {
+		r.broker.drop()
 		return 0, false, fmt.Errorf("outbox: confirms: %w", err)
 	}
 
@@ -612,45 +615,6 @@ func storeMax(m *atomic.Int64, d time.Duration) {
 		if int64(d) <= cur || m.CompareAndSwap(cur, int64(d)) {
 			return
 		}
-	}
-}
-
-// ensurePublisher opens the broker connection and a confirming channel on
-// it, when there is none.
-func (r *PipelinedRelay) ensurePublisher() error {
-	if r.pub != nil && r.conn != nil && !r.conn.IsClosed() {
-		return nil
-	}
-	r.dropBroker()
-	conn, err := r.config.Dial("statemill-outbox-relay")
-	if err != nil {
-		return fmt.Errorf("outbox: connect to the broker: %w", err)
-	}
-	if r.dialled {
-		r.reconnects.Add(1)
-	}
-	r.dialled = true
-	pub, err := broker.NewConfirmPublisher(conn, r.config.Window)
-	if err != nil {
-		_ = conn.Close()
-		return fmt.Errorf("outbox: %w", err)
-	}
-	r.conn, r.pub = conn, pub
-	return nil
-}
-
-// dropBroker closes the channel and the connection. After a nack, a closed
-// channel or a missed deadline the relay cannot know which messages
-// arrived, so it starts over on a new connection, which also clears a
-// connection left blocked or half-broken.
-func (r *PipelinedRelay) dropBroker() {
-	if r.pub != nil {
-		_ = r.pub.Close()
-		r.pub = nil
-	}
-	if r.conn != nil {
-		_ = r.conn.Close()
-		r.conn = nil
 	}
 }
 

@@ -115,8 +115,7 @@ type SequentialRelay struct {
 	running chan struct{}
 	once    sync.Once
 
-	conn broker.Conn
-	pub  *broker.ConfirmPublisher
+	broker brokerSession
 }
 
 // NewSequentialRelay builds a relay.
@@ -127,6 +126,7 @@ func NewSequentialRelay(c SequentialConfig) (*SequentialRelay, error) {
 	}
 	return &SequentialRelay{
 		config: c, wake: make(chan struct{}, 1), closed: make(chan struct{}), running: make(chan struct{}),
+		broker: brokerSession{dial: c.Dial, window: c.Window},
 	}, nil
 }
 
@@ -184,7 +184,7 @@ func (r *SequentialRelay) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { r.pruneLoop(ctx) })
-	defer r.dropBroker()
+	defer r.broker.drop()
 
 	offset, failures := int64(-1), 0
 	for ctx.Err() == nil {
@@ -198,7 +198,7 @@ func (r *SequentialRelay) Run(ctx context.Context) error {
 			failures++
 			wait := backoff(failures, 100*time.Millisecond, 5*time.Second)
 			r.config.Logger.Error("outbox relay: batch failed; retrying", err, watermill.LogFields{"in": wait.String(), "failures": failures})
-			r.dropBroker()
+			r.broker.drop()
 			if !sleepCtx(ctx, wait) {
 				return nil
 			}
@@ -229,7 +229,7 @@ func (r *SequentialRelay) Run(ctx context.Context) error {
 func (r *SequentialRelay) batch(ctx context.Context, offset int64) (int, int64, error) {
 	bctx, cancel := context.WithTimeout(ctx, r.config.BatchDeadline)
 	defer cancel()
-	if err := r.ensurePublisher(); err != nil {
+	if _, err := r.broker.ensure(); err != nil {
 		return 0, offset, err
 	}
 	if offset < 0 {
@@ -248,11 +248,11 @@ func (r *SequentialRelay) batch(ctx context.Context, offset int64) (int, int64, 
 		if err != nil {
 			return 0, offset, fmt.Errorf("outbox: marshal row %d: %w", row.Offset, err)
 		}
-		if err := r.pub.Publish(bctx, r.config.Exchange, row.RoutingKey, p); err != nil {
+		if err := r.broker.pub.Publish(bctx, r.config.Exchange, row.RoutingKey, p); err != nil {
 			return 0, offset, fmt.Errorf("outbox: publish row %d: %w", row.Offset, err)
 		}
 	}
-	if err := r.pub.Wait(bctx); err != nil {
+	if err := r.broker.pub.Wait(bctx); err != nil {
 		return 0, offset, fmt.Errorf("outbox: confirms: %w", err)
 	}
 	last := rows[len(rows)-1].Offset
@@ -262,37 +262,6 @@ func (r *SequentialRelay) batch(ctx context.Context, offset int64) (int, int64, 
 		return 0, offset, err
 	}
 	return len(rows), last, nil
-}
-
-func (r *SequentialRelay) ensurePublisher() error {
-	if r.pub != nil && r.conn != nil && !r.conn.IsClosed() {
-		return nil
-	}
-	r.dropBroker()
-	conn, err := r.config.Dial("statemill-outbox-relay")
-	if err != nil {
-		return fmt.Errorf("outbox: connect to the broker: %w", err)
-	}
-	pub, err := broker.NewConfirmPublisher(conn, r.config.Window)
-	if err != nil {
-		_ = conn.Close()
-		return fmt.Errorf("outbox: %w", err)
-	}
-	r.conn, r.pub = conn, pub
-	return nil
-}
-
-// dropBroker starts over on a new connection after any failure: the relay
-// cannot know which unconfirmed messages arrived.
-func (r *SequentialRelay) dropBroker() {
-	if r.pub != nil {
-		_ = r.pub.Close()
-		r.pub = nil
-	}
-	if r.conn != nil {
-		_ = r.conn.Close()
-		r.conn = nil
-	}
 }
 
 func (r *SequentialRelay) pruneLoop(ctx context.Context) {
