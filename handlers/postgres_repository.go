@@ -48,18 +48,10 @@ func scanProduct(row pgx.Row) (*Product, error) {
 	return p, nil
 }
 
-// Create saves a new product that build returns, with its transitions.
-func (r *PostgresRepository) Create(ctx context.Context, idem commands.Idempotency, build func() (*Product, error)) (*Product, error) {
-	var saved *Product
-	err := r.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
-		if done, err := recall(ctx, tx, idem, &saved); done || err != nil {
-			return err
-		}
-		p, err := build()
-		if err != nil {
-			return err
-		}
-		_, err = tx.Exec(ctx, `INSERT INTO products (`+productColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
+// postgresRows is the products table's SQL on PostgreSQL.
+var postgresRows = productRows[*pgstore.Tx]{
+	insert: func(ctx context.Context, tx *pgstore.Tx, p *Product) error {
+		_, err := tx.Exec(ctx, `INSERT INTO products (`+productColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
 			p.ID, p.Name, p.Price, p.Inventory, p.State, p.Version, p.CreatedAt, p.UpdatedAt)
 		if pgstore.IsUniqueViolation(err, "products_name_key") {
 			return apperr.Errorf(apperr.Conflict, "a product named %q exists", p.Name)
@@ -67,64 +59,42 @@ func (r *PostgresRepository) Create(ctx context.Context, idem commands.Idempoten
 		if err != nil {
 			return fmt.Errorf("insert product: %w", err)
 		}
-		if err := tx.Append(ctx, p.changes...); err != nil {
-			return err
+		return nil
+	},
+	// After LockEntity, the row lock: commands on one product serialise on
+	// the advisory lock taken first, before the transaction has an xid, so
+	// their xids, and the relay's publishing order, follow lock order.
+	load: func(ctx context.Context, tx *pgstore.Tx, id string) (*Product, error) {
+		p, err := scanProduct(tx.QueryRow(ctx, `SELECT `+productColumns+` FROM products WHERE id = $1 FOR UPDATE`, id))
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil, notFound(id)
 		}
-		saved = p
-		return remember(ctx, tx, idem, p)
-	})
-	if err != nil {
-		return nil, err
-	}
-	saved.changes = nil
-	return saved, nil
+		if err != nil {
+			return nil, fmt.Errorf("load product: %w", err)
+		}
+		return p, nil
+	},
+	save: func(ctx context.Context, tx *pgstore.Tx, p *Product) error {
+		_, err := tx.Exec(ctx, `UPDATE products SET name = $2, price = $3, inventory = $4, state = $5, version = $6, updated_at = $7 WHERE id = $1`,
+			p.ID, p.Name, p.Price, p.Inventory, p.State, p.Version, p.UpdatedAt)
+		if err != nil {
+			return fmt.Errorf("update product: %w", err)
+		}
+		return nil
+	},
 }
 
-// Update locks product id, lets fn change it, and saves what fn fired.
-// Commands on one product serialise on an advisory lock taken first, before
-// the transaction has an xid, and then on the row lock; so their xids, and
-// the relay's publishing order, follow lock order. When fn fires nothing,
-// nothing is written.
+// Create implements Repository.
+func (r *PostgresRepository) Create(ctx context.Context, idem commands.Idempotency, build func() (*Product, error)) (*Product, error) {
+	return createIn(ctx, r.store, postgresRows, idem, build)
+}
+
+// Update implements Repository.
 func (r *PostgresRepository) Update(ctx context.Context, id string, idem commands.Idempotency, fn func(p *Product) error) (*Product, error) {
 	if uuid.Validate(id) != nil {
 		return nil, notFound(id)
 	}
-	var saved *Product
-	err := r.store.InTx(ctx, func(ctx context.Context, tx *pgstore.Tx) error {
-		if done, err := recall(ctx, tx, idem, &saved); done || err != nil {
-			return err
-		}
-		if err := tx.LockEntity(ctx, events.EntityType, id); err != nil {
-			return err
-		}
-		p, err := scanProduct(tx.QueryRow(ctx, `SELECT `+productColumns+` FROM products WHERE id = $1 FOR UPDATE`, id))
-		if errors.Is(err, pgx.ErrNoRows) {
-			return notFound(id)
-		}
-		if err != nil {
-			return fmt.Errorf("load product: %w", err)
-		}
-		if err := fn(p); err != nil {
-			return err
-		}
-		if len(p.changes) > 0 {
-			_, err = tx.Exec(ctx, `UPDATE products SET name = $2, price = $3, inventory = $4, state = $5, version = $6, updated_at = $7 WHERE id = $1`,
-				p.ID, p.Name, p.Price, p.Inventory, p.State, p.Version, p.UpdatedAt)
-			if err != nil {
-				return fmt.Errorf("update product: %w", err)
-			}
-			if err := tx.Append(ctx, p.changes...); err != nil {
-				return err
-			}
-		}
-		saved = p
-		return remember(ctx, tx, idem, p)
-	})
-	if err != nil {
-		return nil, err
-	}
-	saved.changes = nil
-	return saved, nil
+	return updateIn(ctx, r.store, postgresRows, id, idem, fn)
 }
 
 // Get returns one product.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/statemill/statemill/commands"
+	"github.com/statemill/statemill/events"
 	"github.com/statemill/statemill/infra/apperr"
 	"github.com/statemill/statemill/infra/envelope"
 	"github.com/statemill/statemill/infra/store"
@@ -69,4 +70,90 @@ var ErrKeyReused = apperr.Field("Idempotency-Key", "was used for a different req
 
 func notFound(id string) error {
 	return apperr.Errorf(apperr.NotFound, "product %q not found", id)
+}
+
+// commandTx is what a command's transaction offers on either store.
+type commandTx interface {
+	store.Recorder
+	store.Locker
+	store.Idempotent
+}
+
+// productRows is one store's SQL for the products table, inside a command.
+type productRows[T commandTx] struct {
+	// insert adds p; a name already taken is an apperr.Conflict.
+	insert func(ctx context.Context, tx T, p *Product) error
+	// load reads product id (locked for the transaction where the store
+	// needs it); a missing one is notFound.
+	load func(ctx context.Context, tx T, id string) (*Product, error)
+	// save writes p's changed columns.
+	save func(ctx context.Context, tx T, p *Product) error
+}
+
+// createIn is Repository.Create on s: recall an earlier outcome, or insert
+// the new product, append its transitions and remember the outcome, in one
+// transaction.
+func createIn[T commandTx](ctx context.Context, s store.Store[T], rows productRows[T], idem commands.Idempotency,
+	build func() (*Product, error)) (*Product, error) {
+	var saved *Product
+	err := s.InTx(ctx, func(ctx context.Context, tx T) error {
+		if done, err := recall(ctx, tx, idem, &saved); done || err != nil {
+			return err
+		}
+		p, err := build()
+		if err != nil {
+			return err
+		}
+		if err := rows.insert(ctx, tx, p); err != nil {
+			return err
+		}
+		if err := tx.Append(ctx, p.changes...); err != nil {
+			return err
+		}
+		saved = p
+		return remember(ctx, tx, idem, p)
+	})
+	if err != nil {
+		return nil, err
+	}
+	saved.changes = nil
+	return saved, nil
+}
+
+// updateIn is Repository.Update on s: recall an earlier outcome, or lock
+// and load product id, let fn change it, and save and append what fn fired
+// (nothing when it fired nothing), in one transaction.
+func updateIn[T commandTx](ctx context.Context, s store.Store[T], rows productRows[T], id string, idem commands.Idempotency,
+	fn func(p *Product) error) (*Product, error) {
+	var saved *Product
+	err := s.InTx(ctx, func(ctx context.Context, tx T) error {
+		if done, err := recall(ctx, tx, idem, &saved); done || err != nil {
+			return err
+		}
+		if err := tx.LockEntity(ctx, events.EntityType, id); err != nil {
+			return err
+		}
+		p, err := rows.load(ctx, tx, id)
+		if err != nil {
+			return err
+		}
+		if err := fn(p); err != nil {
+			return err
+		}
+		if len(p.changes) > 0 {
+			if err := rows.save(ctx, tx, p); err != nil {
+				return err
+			}
+			if err := tx.Append(ctx, p.changes...); err != nil {
+				return err
+			}
+		}
+		saved = p
+		return remember(ctx, tx, idem, p)
+	})
+	if err != nil {
+		return nil, err
+	}
+	saved.changes = nil
+	return saved, nil
 }

@@ -74,18 +74,12 @@ func canonicalID(id string) (string, bool) {
 
 func sqliteTimeText(t time.Time) string { return t.UTC().Format(sqliteTime) }
 
-// Create implements Repository.
-func (r *SQLiteRepository) Create(ctx context.Context, idem commands.Idempotency, build func() (*Product, error)) (*Product, error) {
-	var saved *Product
-	err := r.store.InTx(ctx, func(ctx context.Context, tx *sqlitestore.Tx) error {
-		if done, err := recall(ctx, tx, idem, &saved); done || err != nil {
-			return err
-		}
-		p, err := build()
-		if err != nil {
-			return err
-		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO products (`+productColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+// sqliteRows is the products table's SQL on SQLite. No row lock: the
+// transaction holds the database's single write lock from its first
+// statement.
+var sqliteRows = productRows[*sqlitestore.Tx]{
+	insert: func(ctx context.Context, tx *sqlitestore.Tx, p *Product) error {
+		_, err := tx.ExecContext(ctx, `INSERT INTO products (`+productColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
 			p.ID, p.Name, p.Price, p.Inventory, p.State, p.Version, sqliteTimeText(p.CreatedAt), sqliteTimeText(p.UpdatedAt))
 		if sqlitestore.IsUniqueViolation(err, "products.name") {
 			return apperr.Errorf(apperr.Conflict, "a product named %q exists", p.Name)
@@ -93,17 +87,31 @@ func (r *SQLiteRepository) Create(ctx context.Context, idem commands.Idempotency
 		if err != nil {
 			return fmt.Errorf("insert product: %w", err)
 		}
-		if err := tx.Append(ctx, p.changes...); err != nil {
-			return err
+		return nil
+	},
+	load: func(ctx context.Context, tx *sqlitestore.Tx, id string) (*Product, error) {
+		p, err := scanSQLiteProduct(tx.QueryRowContext(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
+		if errors.Is(err, sql.ErrNoRows) {
+			return nil, notFound(id)
 		}
-		saved = p
-		return remember(ctx, tx, idem, p)
-	})
-	if err != nil {
-		return nil, err
-	}
-	saved.changes = nil
-	return saved, nil
+		if err != nil {
+			return nil, fmt.Errorf("load product: %w", err)
+		}
+		return p, nil
+	},
+	save: func(ctx context.Context, tx *sqlitestore.Tx, p *Product) error {
+		_, err := tx.ExecContext(ctx, `UPDATE products SET name = ?, price = ?, inventory = ?, state = ?, version = ?, updated_at = ? WHERE id = ?`,
+			p.Name, p.Price, p.Inventory, p.State, p.Version, sqliteTimeText(p.UpdatedAt), p.ID)
+		if err != nil {
+			return fmt.Errorf("update product: %w", err)
+		}
+		return nil
+	},
+}
+
+// Create implements Repository.
+func (r *SQLiteRepository) Create(ctx context.Context, idem commands.Idempotency, build func() (*Product, error)) (*Product, error) {
+	return createIn(ctx, r.store, sqliteRows, idem, build)
 }
 
 // Update implements Repository.
@@ -112,42 +120,7 @@ func (r *SQLiteRepository) Update(ctx context.Context, id string, idem commands.
 	if !ok {
 		return nil, notFound(id)
 	}
-	var saved *Product
-	err := r.store.InTx(ctx, func(ctx context.Context, tx *sqlitestore.Tx) error {
-		if done, err := recall(ctx, tx, idem, &saved); done || err != nil {
-			return err
-		}
-		if err := tx.LockEntity(ctx, events.EntityType, id); err != nil {
-			return err
-		}
-		p, err := scanSQLiteProduct(tx.QueryRowContext(ctx, `SELECT `+productColumns+` FROM products WHERE id = ?`, id))
-		if errors.Is(err, sql.ErrNoRows) {
-			return notFound(id)
-		}
-		if err != nil {
-			return fmt.Errorf("load product: %w", err)
-		}
-		if err := fn(p); err != nil {
-			return err
-		}
-		if len(p.changes) > 0 {
-			_, err = tx.ExecContext(ctx, `UPDATE products SET name = ?, price = ?, inventory = ?, state = ?, version = ?, updated_at = ? WHERE id = ?`,
-				p.Name, p.Price, p.Inventory, p.State, p.Version, sqliteTimeText(p.UpdatedAt), p.ID)
-			if err != nil {
-				return fmt.Errorf("update product: %w", err)
-			}
-			if err := tx.Append(ctx, p.changes...); err != nil {
-				return err
-			}
-		}
-		saved = p
-		return remember(ctx, tx, idem, p)
-	})
-	if err != nil {
-		return nil, err
-	}
-	saved.changes = nil
-	return saved, nil
+	return updateIn(ctx, r.store, sqliteRows, id, idem, fn)
 }
 
 // Get implements Repository.
