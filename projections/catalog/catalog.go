@@ -6,7 +6,6 @@ package catalog
 import (
 	"context"
 	"embed"
-	"encoding/json"
 	"fmt"
 	"io/fs"
 	"log/slog"
@@ -110,7 +109,7 @@ func (p *Projection) Apply(ctx context.Context, tx pgx.Tx, gen int64, batch []en
 		}
 		p.checkContract(e)
 		var a events.ProductAttributes
-		if err := json.Unmarshal(e.Attributes, &a); err != nil {
+		if err := e.DecodeAttributes(&a); err != nil {
 			return fmt.Errorf("catalog: event %s: attributes: %w", e.ID, err)
 		}
 		if a.State == "" {

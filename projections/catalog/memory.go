@@ -3,7 +3,6 @@ package catalog
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -62,7 +61,7 @@ func (m *Memory) Apply(evs []envelope.Event) {
 		}
 		m.contract.checkContract(e)
 		var a events.ProductAttributes
-		if err := json.Unmarshal(e.Attributes, &a); err != nil {
+		if err := e.DecodeAttributes(&a); err != nil {
 			m.malformed++
 			m.contract.logger.Warn("catalog: skipped an event whose attributes cannot be read", "event_id", e.ID, "err", err)
 			continue

@@ -10,7 +10,6 @@ import (
 	"cmp"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -154,7 +153,7 @@ func (m *Model) Apply(evs []envelope.Event) {
 			continue
 		}
 		var a events.ProductAttributes
-		if err := json.Unmarshal(e.Attributes, &a); err != nil {
+		if err := e.DecodeAttributes(&a); err != nil {
 			m.malformed++
 			m.log.Warn("liveview: skipped an event whose attributes cannot be read", "event_id", e.ID, "err", err)
 			continue
