@@ -36,9 +36,11 @@ func (c Config) liveBatching() batching {
 	return batching{prefetch: c.Prefetch, size: c.BatchSize, delay: c.BatchDelay}
 }
 
-// replayBatching serves N.replay, where only throughput counts.
+// replayBatching serves N.replay, where only throughput counts. Its sizes
+// are in events; a replay message carries up to ReplayEventsPerMessage.
 func (c Config) replayBatching() batching {
-	return batching{prefetch: c.ReplayPrefetch, size: c.ReplayBatchSize, delay: c.ReplayBatchDelay}
+	messages := func(events int) int { return max(1, (events+c.ReplayEventsPerMessage-1)/c.ReplayEventsPerMessage) }
+	return batching{prefetch: messages(c.ReplayPrefetch), size: messages(c.ReplayBatchSize), delay: c.ReplayBatchDelay}
 }
 
 // consumeLoop collects deliveries into batches of up to b.size, waiting at
@@ -101,8 +103,8 @@ func (w *Worker) handleLive(ctx context.Context, ch broker.Channel, batch []amqp
 	items := make([]item, 0, len(batch))
 	for _, d := range batch {
 		e, err := envelope.Decode(d.Body)
-		if err == nil && replay.IsMarker(e.Event) {
-			err = fmt.Errorf("replay marker %q on the live queue", e.Event)
+		if err == nil && replay.Reserved(e.Event) {
+			err = fmt.Errorf("replay protocol name %q on the live queue", e.Event)
 		}
 		if err != nil {
 			w.deadLetter(ch, d, err)
@@ -146,9 +148,28 @@ func (w *Worker) handleReplay(ctx context.Context, ch broker.Channel, r *run, so
 			settled = append(settled, d)
 			continue
 		}
+		if strings.HasSuffix(d.RoutingKey, "."+replay.BatchEvent) {
+			es, err := envelope.DecodeBatch(d.Body)
+			for _, e := range es {
+				if err == nil && replay.Reserved(e.Event) {
+					err = fmt.Errorf("replay protocol name %q as an event", e.Event)
+				}
+			}
+			if err != nil {
+				// Its events cannot be counted, so the run could only time
+				// out: it fails now.
+				w.deadLetter(ch, d, err)
+				r.abort(fmt.Errorf("a malformed batch of replay %s: %w", id, err))
+				continue
+			}
+			for _, e := range es {
+				items = append(items, item{d: d, e: e, t: t})
+			}
+			continue
+		}
 		e, err := envelope.Decode(d.Body)
-		if err == nil && replay.IsMarker(e.Event) {
-			err = fmt.Errorf("replay marker %q as an event", e.Event)
+		if err == nil && replay.Reserved(e.Event) {
+			err = fmt.Errorf("replay protocol name %q as an event", e.Event)
 		}
 		if err != nil {
 			w.deadLetter(ch, d, err)
@@ -167,8 +188,14 @@ func (w *Worker) handleReplay(ctx context.Context, ch broker.Channel, r *run, so
 		}
 		return err
 	})
+	// A batch message with a poisoned event goes to N.dead whole (the
+	// others of it are applied, harmlessly): one message, one outcome.
+	settledTag := map[uint64]bool{}
 	for _, it := range poisoned {
-		w.deadLetter(ch, it.d, it.why)
+		if !settledTag[it.d.DeliveryTag] {
+			settledTag[it.d.DeliveryTag] = true
+			w.deadLetter(ch, it.d, it.why)
+		}
 		r.see(it.t, it.e.ID)
 	}
 	if !gone {
@@ -177,7 +204,22 @@ func (w *Worker) handleReplay(ctx context.Context, ch broker.Channel, r *run, so
 		}
 		w.m.appliedReplay.Add(float64(len(applied)))
 	}
-	w.ack(ch, append(settled, deliveriesOf(applied)...), done)
+	// A message is acked once, when every event of it is applied.
+	unapplied := map[uint64]int{}
+	for _, it := range items {
+		unapplied[it.d.DeliveryTag]++
+	}
+	for _, it := range applied {
+		unapplied[it.d.DeliveryTag]--
+	}
+	acked := settled
+	for _, it := range applied {
+		if tag := it.d.DeliveryTag; unapplied[tag] == 0 && !settledTag[tag] {
+			settledTag[tag] = true
+			acked = append(acked, it.d)
+		}
+	}
+	w.ack(ch, acked, done)
 	w.m.batchReplay.Observe(time.Since(start).Seconds())
 	r.checkComplete()
 }

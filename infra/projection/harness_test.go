@@ -433,11 +433,28 @@ func cursor(n int) string {
 	return replay.Cursor{Snapshot: fmt.Sprintf("%d:%d:", n, n)}.String()
 }
 
-// serveReplay answers req completely: started, every event, completed.
+// batchMsgs are evs as replay_batch messages of up to size events each.
+func batchMsgs(prefix, replayID string, size int, evs ...envelope.Event) []msg {
+	var out []msg
+	for chunk := range slices.Chunk(evs, size) {
+		body, _ := envelope.EncodeBatch(chunk)
+		out = append(out, msg{key: envelope.ReplayRoutingKey(prefix, "widget", replay.BatchEvent),
+			p: amqp091.Publishing{MessageId: uuid.NewString(), Type: replay.BatchEvent,
+				Headers: amqp091.Table{envelope.HeaderReplayID: replayID}, Body: body}})
+	}
+	return out
+}
+
+// serveReplay answers req completely, as the responder would: started,
+// every event (in messages of up to req.Batch events), completed.
 func (e *env) serveReplay(t testing.TB, req replay.Request, evs []envelope.Event, cur string) {
 	t.Helper()
 	msgs := []msg{startedMsg(req.Prefix, req.ReplayID, int64(len(evs)))}
-	msgs = append(msgs, replayMsgs(req.Prefix, req.ReplayID, evs...)...)
+	if req.Batch > 1 {
+		msgs = append(msgs, batchMsgs(req.Prefix, req.ReplayID, req.Batch, evs...)...)
+	} else {
+		msgs = append(msgs, replayMsgs(req.Prefix, req.ReplayID, evs...)...)
+	}
 	msgs = append(msgs, completedMsg(req.Prefix, req.ReplayID, int64(len(evs)), cur))
 	e.publish(t, msgs...)
 }

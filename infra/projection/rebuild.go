@@ -37,6 +37,8 @@ type run struct {
 	lock     *rebuildLock
 	complete chan struct{} // closed when every replay delivered its count
 	ended    chan struct{} // closed when the run is over
+	aborted  chan struct{} // closed by abort: the run cannot complete
+	abortErr error         // why, set before aborted is closed
 
 	// finishing is set once the run's outcome is stored: a Rebuild or
 	// CatchUp call waits for ended then, instead of answering Conflict.
@@ -62,7 +64,7 @@ func newRun(kind runKind, entityTypes []string, timeout time.Duration) *run {
 	now := time.Now()
 	r := &run{
 		kind: kind, started: now, deadline: now.Add(timeout),
-		complete: make(chan struct{}), ended: make(chan struct{}),
+		complete: make(chan struct{}), ended: make(chan struct{}), aborted: make(chan struct{}),
 		tracks: make(map[string]*track, len(entityTypes)),
 	}
 	for _, et := range entityTypes {
@@ -91,6 +93,17 @@ func (r *run) see(t *track, id string) {
 	r.mu.Lock()
 	t.seen[k] = struct{}{}
 	r.mu.Unlock()
+}
+
+// abort fails the run at once (the first cause wins), for a delivery that
+// makes completing impossible.
+func (r *run) abort(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.abortErr == nil {
+		r.abortErr = err
+		close(r.aborted)
+	}
 }
 
 func (r *run) markStarted(t *track, expected int64) {
@@ -338,7 +351,8 @@ func (w *Worker) request(ctx context.Context, conn broker.Conn, r *run, after ma
 	defer cancel()
 	var confirms []broker.Confirmation
 	for i, et := range w.cfg.EntityTypes {
-		req := replay.Request{ReplayID: r.ids[i], Prefix: w.cfg.Name, EntityType: et, After: after[et], Mode: replay.Full}
+		req := replay.Request{ReplayID: r.ids[i], Prefix: w.cfg.Name, EntityType: et, After: after[et], Mode: replay.Full,
+			Batch: w.cfg.ReplayEventsPerMessage}
 		if err := req.Normalize(w.cfg.EntityTypes); err != nil {
 			return err
 		}
@@ -405,6 +419,11 @@ wait:
 		select {
 		case <-r.complete:
 			old, err = w.finish(runCtx, r)
+			break wait
+		case <-r.aborted:
+			r.mu.Lock()
+			err = r.abortErr
+			r.mu.Unlock()
 			break wait
 		case <-timeout.C:
 			exp, got := r.progress()

@@ -650,8 +650,8 @@ func (v *View) handle(ch broker.Channel, batch []amqp091.Delivery) (completed bo
 	for _, d := range batch {
 		if !strings.HasPrefix(d.RoutingKey, replayPrefix) {
 			e, err := envelope.Decode(d.Body)
-			if err == nil && replay.IsMarker(e.Event) {
-				err = fmt.Errorf("replay marker %q on a live routing key", e.Event)
+			if err == nil && replay.Reserved(e.Event) {
+				err = fmt.Errorf("replay protocol name %q on a live routing key", e.Event)
 			}
 			if err != nil {
 				v.drop(d, err)
@@ -676,8 +676,8 @@ func (v *View) handle(ch broker.Channel, batch []amqp091.Delivery) (completed bo
 			continue
 		}
 		e, err := envelope.Decode(d.Body)
-		if err == nil && replay.IsMarker(e.Event) {
-			err = fmt.Errorf("replay marker %q as an event", e.Event)
+		if err == nil && replay.Reserved(e.Event) {
+			err = fmt.Errorf("replay protocol name %q as an event", e.Event)
 		}
 		key := d.MessageId
 		if err == nil {

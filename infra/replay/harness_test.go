@@ -409,9 +409,11 @@ func (o *observer) n() int {
 type run struct {
 	started   replay.Started
 	completed replay.Completed
-	starts    int // replay_started markers seen
-	events    []amqp091.Delivery
-	ids       []string // event message ids, in arrival order
+	starts    int                // replay_started markers seen
+	events    []amqp091.Delivery // one-event messages
+	batches   []amqp091.Delivery // replay_batch messages
+	batched   []envelope.Event   // their events, in arrival order
+	ids       []string           // event ids, in arrival order
 }
 
 // collect returns replay id's messages once its completion marker and
@@ -443,6 +445,16 @@ func (o *observer) replayOf(t testing.TB, id string) run {
 		case replay.CompletedEvent:
 			if err := json.Unmarshal(d.Body, &r.completed); err != nil {
 				t.Fatalf("replay_completed body %s: %v", d.Body, err)
+			}
+		case replay.BatchEvent:
+			es, err := envelope.DecodeBatch(d.Body)
+			if err != nil {
+				t.Fatalf("replay_batch body %s: %v", d.Body, err)
+			}
+			r.batches = append(r.batches, d)
+			r.batched = append(r.batched, es...)
+			for _, e := range es {
+				r.ids = append(r.ids, e.ID)
 			}
 		default:
 			r.events = append(r.events, d)

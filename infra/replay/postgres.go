@@ -31,9 +31,9 @@ func (p postgres) classify(err error) error { return pgstore.Classify(err) }
 
 func (p postgres) insert(ctx context.Context, req Request) (bool, error) {
 	tag, err := p.pool.Exec(ctx, `
-		INSERT INTO replay_requests (replay_id, prefix, entity_type, "after", mode)
-		VALUES ($1, $2, $3, $4, $5) ON CONFLICT (replay_id) DO NOTHING`,
-		req.ReplayID, req.Prefix, req.EntityType, req.After, string(req.Mode))
+		INSERT INTO replay_requests (replay_id, prefix, entity_type, "after", mode, batch)
+		VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (replay_id) DO NOTHING`,
+		req.ReplayID, req.Prefix, req.EntityType, req.After, string(req.Mode), max(req.Batch, 1))
 	if err != nil {
 		return false, err
 	}
@@ -49,10 +49,10 @@ func (p postgres) get(ctx context.Context, id string) (Record, bool, error) {
 		errTxt *string
 	)
 	err := p.pool.QueryRow(ctx, `
-		SELECT replay_id::text, prefix, entity_type, "after", mode, status, count, "cursor", error, attempts,
+		SELECT replay_id::text, prefix, entity_type, "after", mode, batch, status, count, "cursor", error, attempts,
 		       requested_at, started_at, heartbeat_at, finished_at
 		FROM replay_requests WHERE replay_id = $1`, id).Scan(
-		&rec.ReplayID, &rec.Prefix, &rec.EntityType, &rec.After, &mode, &rec.Status, &count, &cursor, &errTxt,
+		&rec.ReplayID, &rec.Prefix, &rec.EntityType, &rec.After, &mode, &rec.Batch, &rec.Status, &count, &cursor, &errTxt,
 		&rec.Attempts, &rec.RequestedAt, &rec.StartedAt, &rec.HeartbeatAt, &rec.FinishedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Record{}, false, nil
@@ -96,8 +96,8 @@ func (p postgres) claim(ctx context.Context, id, token string, stale time.Durati
 		UPDATE replay_requests
 		SET status = 'running', claim = $2, started_at = coalesce(started_at, now()), heartbeat_at = now()
 		WHERE replay_id = $1 AND `+staleClause(3)+`
-		RETURNING replay_id::text, prefix, entity_type, "after", mode, coalesce("cursor", '')`,
-		id, token, stale.Seconds()).Scan(&req.ReplayID, &req.Prefix, &req.EntityType, &req.After, &mode, &cursor)
+		RETURNING replay_id::text, prefix, entity_type, "after", mode, batch, coalesce("cursor", '')`,
+		id, token, stale.Seconds()).Scan(&req.ReplayID, &req.Prefix, &req.EntityType, &req.After, &mode, &req.Batch, &cursor)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Request{}, "", false, nil
 	}

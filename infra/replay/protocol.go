@@ -41,6 +41,16 @@ const (
 	CompletedEvent = "replay_completed"
 )
 
+// BatchEvent names a message of a batched replay (Request.Batch above 1):
+// `<prefix>.<entity_type>.replay_batch`, its body a JSON array of events
+// (envelope.EncodeBatch), each as its own message would carry it. No entity
+// event may carry this name either.
+const BatchEvent = "replay_batch"
+
+// MaxBatch bounds Request.Batch: a thousand events of about half a kilobyte
+// make a message of half a megabyte.
+const MaxBatch = 1000
+
 // reservedPrefixes are words the routing scheme uses: a replay under them
 // could reach consumers it is not meant for.
 var reservedPrefixes = []string{"replay", "events", "commands", "amq", "live", "dead"}
@@ -54,6 +64,12 @@ type Request struct {
 	// that snapshot did not see are replayed.
 	After string `json:"after,omitempty"`
 	Mode  Mode   `json:"mode,omitempty"`
+	// Batch, above 1, lets the producer put up to Batch events in one
+	// message (BatchEvent): the broker then handles one message, not
+	// Batch, for that many events, which is what bounds a large rebuild.
+	// 0 or 1: one message per event, each with the event's id as message
+	// id (DESIGN §6). Either way the consumer counts distinct event ids.
+	Batch int `json:"batch,omitempty"`
 }
 
 // Normalize fills the defaults (a fresh replay id, mode full) and validates
@@ -78,6 +94,11 @@ func (r *Request) Normalize(entityTypes []string) error {
 	if r.Mode != Full && r.Mode != Latest {
 		f.Add("mode", `must be "full" or "latest"`)
 	}
+	if r.Batch < 0 || r.Batch > MaxBatch {
+		f.Add("batch", fmt.Sprintf("must be between 0 and %d", MaxBatch))
+	} else if r.Batch == 0 {
+		r.Batch = 1
+	}
 	if r.After != "" {
 		if _, err := ParseCursor(r.After); err != nil {
 			f.Add("after", err.Error())
@@ -93,7 +114,8 @@ type Started struct {
 }
 
 // Completed closes a replay: `<prefix>.<entity_type>.replay_completed`.
-// Count is the number of event messages published for the replay; a
+// Count is the number of events published for the replay (in a batched
+// replay, more than its messages); a
 // consumer is complete when it has received Count distinct event ids of the
 // replay (this marker may overtake the last events). Cursor identifies the
 // snapshot the replay read.
@@ -103,8 +125,11 @@ type Completed struct {
 	Cursor   string `json:"cursor"`
 }
 
-// IsMarker reports whether an event name is one of the markers.
-func IsMarker(event string) bool { return event == StartedEvent || event == CompletedEvent }
+// Reserved reports whether an event name belongs to the replay protocol (a
+// marker or a batch), which no entity event may carry.
+func Reserved(event string) bool {
+	return event == StartedEvent || event == CompletedEvent || event == BatchEvent
+}
 
 // Cursor identifies what one replay read, so that a later replay can
 // continue after it. It is one of two kinds, by the store that made it:

@@ -135,7 +135,8 @@ func (r *Responder) permanent(err error) bool {
 // replayOnce is one attempt: one consistent read of the history (on
 // PostgreSQL a read-only REPEATABLE READ snapshot, on SQLite a read bounded
 // by a sequence), whose rows are streamed in bounded memory and published
-// with pipelined confirms between the two markers.
+// with pipelined confirms between the two markers, one event per message or
+// up to j.Batch.
 func (r *Responder) replayOnce(ctx context.Context, j *job) (res result, err error) {
 	began := time.Now()
 	pub, err := r.publisher()
@@ -184,22 +185,47 @@ func (r *Responder) replayOnce(ctx context.Context, j *job) (res result, err err
 	counted := int64(0)
 	events := r.metrics.events.WithLabelValues(j.EntityType)
 	defer func() { events.Add(float64(res.count - counted)) }()
+	batch := make([]envelope.Event, 0, max(j.Batch, 1))
+	publish := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		var msg amqp091.Publishing
+		var key string
+		var err error
+		if j.Batch > 1 {
+			msg, err = batchPublishing(batch, j.ReplayID)
+			key = envelope.ReplayRoutingKey(j.Prefix, j.EntityType, BatchEvent)
+		} else {
+			msg, err = eventPublishing(batch[0], j.ReplayID)
+			key = envelope.ReplayRoutingKey(j.Prefix, batch[0].EntityType, batch[0].Event)
+		}
+		if err != nil {
+			return err
+		}
+		if err := pub.Publish(ctx, exchange, key, msg); err != nil {
+			return fmt.Errorf("replay: publish %s: %w", msg.MessageId, err)
+		}
+		res.count += int64(len(batch))
+		batch = batch[:0]
+		if res.count-counted >= 1024 {
+			events.Add(float64(res.count - counted))
+			counted = res.count
+		}
+		return nil
+	}
 	for e, err := range read.events(ctx) {
 		if err != nil {
 			return res, err
 		}
-		msg, err := eventPublishing(e, j.ReplayID)
-		if err != nil {
-			return res, err
+		if batch = append(batch, e); len(batch) == cap(batch) {
+			if err := publish(); err != nil {
+				return res, err
+			}
 		}
-		if err := pub.Publish(ctx, exchange, envelope.ReplayRoutingKey(j.Prefix, e.EntityType, e.Event), msg); err != nil {
-			return res, fmt.Errorf("replay: publish %s: %w", e.ID, err)
-		}
-		res.count++
-		if res.count-counted == 1024 {
-			events.Add(1024)
-			counted = res.count
-		}
+	}
+	if err := publish(); err != nil {
+		return res, err
 	}
 	// The read is no longer needed: end it before waiting on the broker.
 	if err := read.end(ctx); err != nil {
@@ -235,6 +261,26 @@ func eventPublishing(e envelope.Event, replayID string) (amqp091.Publishing, err
 		Body: body,
 	}
 	broker.SetMessageProperties(&p, e.ID, e.CorrelationID)
+	return p, nil
+}
+
+// batchPublishing is one message of a batched replay: the events as a JSON
+// array, a message id of its own (each event keeps its id in the body), and
+// the replay's headers.
+func batchPublishing(es []envelope.Event, replayID string) (amqp091.Publishing, error) {
+	body, err := envelope.EncodeBatch(es)
+	if err != nil {
+		return amqp091.Publishing{}, fmt.Errorf("replay: marshal a batch from %s: %w", es[0].ID, err)
+	}
+	p := amqp091.Publishing{
+		Headers: amqp091.Table{
+			envelope.HeaderSchemaVersion: strconv.Itoa(envelope.SchemaVersion),
+			envelope.HeaderReplayID:      replayID,
+		},
+		Body: body,
+		Type: BatchEvent,
+	}
+	broker.SetMessageProperties(&p, uuid.Must(uuid.NewV7()).String(), replayID)
 	return p, nil
 }
 

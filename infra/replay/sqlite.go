@@ -49,9 +49,9 @@ func (s embedded) classify(err error) error { return sqlitestore.Classify(err) }
 
 func (s embedded) insert(ctx context.Context, req Request) (bool, error) {
 	res, err := s.db.Writer().ExecContext(ctx, `
-		INSERT INTO replay_requests (replay_id, prefix, entity_type, "after", mode, requested_at)
-		VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (replay_id) DO NOTHING`,
-		req.ReplayID, req.Prefix, req.EntityType, req.After, string(req.Mode), sqliteNow())
+		INSERT INTO replay_requests (replay_id, prefix, entity_type, "after", mode, batch, requested_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (replay_id) DO NOTHING`,
+		req.ReplayID, req.Prefix, req.EntityType, req.After, string(req.Mode), max(req.Batch, 1), sqliteNow())
 	if err != nil {
 		return false, err
 	}
@@ -67,10 +67,10 @@ func (s embedded) get(ctx context.Context, id string) (Record, bool, error) {
 		cursor, errTxt, started, beat, fin sql.NullString
 	)
 	err := s.db.Reader().QueryRowContext(ctx, `
-		SELECT replay_id, prefix, entity_type, "after", mode, status, count, "cursor", error, attempts,
+		SELECT replay_id, prefix, entity_type, "after", mode, batch, status, count, "cursor", error, attempts,
 		       requested_at, started_at, heartbeat_at, finished_at
 		FROM replay_requests WHERE replay_id = ?`, id).Scan(
-		&rec.ReplayID, &rec.Prefix, &rec.EntityType, &rec.After, &mode, &status, &count, &cursor, &errTxt,
+		&rec.ReplayID, &rec.Prefix, &rec.EntityType, &rec.After, &mode, &rec.Batch, &status, &count, &cursor, &errTxt,
 		&rec.Attempts, &requested, &started, &beat, &fin)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Record{}, false, nil
@@ -137,8 +137,8 @@ func (s embedded) claim(ctx context.Context, id, token string, stale time.Durati
 		UPDATE replay_requests
 		SET status = 'running', claim = ?, started_at = coalesce(started_at, ?), heartbeat_at = ?
 		WHERE replay_id = ? AND `+sqliteClaimable+`
-		RETURNING replay_id, prefix, entity_type, "after", mode, coalesce("cursor", '')`,
-		token, now, now, id, sqliteAgo(stale)).Scan(&req.ReplayID, &req.Prefix, &req.EntityType, &req.After, &mode, &cursor)
+		RETURNING replay_id, prefix, entity_type, "after", mode, batch, coalesce("cursor", '')`,
+		token, now, now, id, sqliteAgo(stale)).Scan(&req.ReplayID, &req.Prefix, &req.EntityType, &req.After, &mode, &req.Batch, &cursor)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Request{}, "", false, nil
 	}
