@@ -189,7 +189,7 @@ func TestReplayOverAMQP(t *testing.T) {
 	}
 }
 
-// Bad prefixes, entity types, cursors and modes are refused with 422 and
+// Bad prefixes, entity types, cursors, modes and batches are refused with 422 and
 // field errors, and nothing is published or recorded.
 func TestReplayRefusesBadRequests(t *testing.T) {
 	t.Parallel()
@@ -220,6 +220,9 @@ func TestReplayRefusesBadRequests(t *testing.T) {
 		field("after", map[string]any{"prefix": "catalog", "entity_type": "product", "after": after})
 	}
 	field("mode", map[string]any{"prefix": "catalog", "entity_type": "product", "mode": "sideways"})
+	for _, batch := range []any{-1, 1001, "100", 1.5} {
+		field("batch", map[string]any{"prefix": "catalog", "entity_type": "product", "batch": batch})
+	}
 	field("replay_id", map[string]any{"replay_id": "x", "prefix": "catalog", "entity_type": "product"})
 	field("extra", map[string]any{"prefix": "catalog", "entity_type": "product", "extra": 1})
 	field("prefix", map[string]any{"prefix": 7, "entity_type": "product"})
