@@ -72,8 +72,8 @@ var marshaler = fastJSONMarshaler{cqrs.JSONMarshaler{GenerateName: cqrs.StructNa
 
 // fastJSONMarshaler is Watermill's cqrs.JSONMarshaler (same payload, name
 // and metadata) encoding with goccy/go-json: every command and its reply
-// cross the bus as JSON, and encoding/json's share of the products
-// service's CPU under load was about 9%.
+// cross the bus as JSON, and encoding/json's share of a write service's CPU
+// under a command load was about 9%.
 type fastJSONMarshaler struct{ cqrs.JSONMarshaler }
 
 func (m fastJSONMarshaler) Marshal(v any) (*message.Message, error) {
