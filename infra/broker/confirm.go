@@ -132,15 +132,53 @@ func (p *ConfirmPublisher) Publish(ctx context.Context, exchange, routingKey str
 func (p *ConfirmPublisher) Wait(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	return p.waitFor(ctx, p.sent)
+}
+
+// Sent is the sequence number of the last publish: 1 for the first, 0
+// before any.
+func (p *ConfirmPublisher) Sent() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.sent
+}
+
+// WaitFor returns once every publish up to sequence number seq (see Sent)
+// is confirmed, or with the first nack, a closed channel, or ctx's error.
+// Later publishes may still be outstanding.
+func (p *ConfirmPublisher) WaitFor(ctx context.Context, seq uint64) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.waitFor(ctx, seq)
+}
+
+func (p *ConfirmPublisher) waitFor(ctx context.Context, seq uint64) error {
 	if p.err != nil {
 		return p.err
 	}
-	for len(p.pending) > 0 {
+	for len(p.pending) > 0 && p.pending[0].seq <= seq {
 		if err := p.waitOldest(ctx); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// Confirmed reports, without waiting, the sequence number up to which every
+// publish is confirmed, or the first nack or a closed channel.
+func (p *ConfirmPublisher) Confirmed() (uint64, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.err != nil {
+		return 0, p.err
+	}
+	if err := p.reap(); err != nil {
+		return 0, err
+	}
+	if len(p.pending) > 0 {
+		return p.pending[0].seq - 1, nil
+	}
+	return p.sent, nil
 }
 
 // Outstanding is the number of messages sent but not yet confirmed (as far

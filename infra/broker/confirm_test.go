@@ -183,3 +183,61 @@ func TestConfirmPublisherPublishHonoursContext(t *testing.T) {
 		t.Fatal("a nil connection was accepted")
 	}
 }
+
+// Sent numbers the publishes; WaitFor waits for a prefix of them, and
+// Confirmed reports the confirmed prefix without waiting; a nack is an
+// error of both.
+func TestConfirmPublisherReportsConfirmedPrefix(t *testing.T) {
+	t.Parallel()
+	conn, ch, topo := confirmSetup(t)
+	queue := sandbox.Name("t") + ".prefix"
+	sandbox.DeleteLater(t, []string{queue}, nil)
+	if _, err := ch.QueueDeclare(queue, false, false, false, false,
+		amqp091.Table{"x-max-length": int32(5), "x-overflow": "reject-publish"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind(queue, "prefix.#", topo.EventsExchange, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	pub, err := broker.NewConfirmPublisher(broker.WrapAMQP(conn), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	ctx := ctxFor(t, 15*time.Second)
+	if got, err := pub.Confirmed(); pub.Sent() != 0 || got != 0 || err != nil {
+		t.Fatalf("before any publish: sent %d, confirmed %d, %v", pub.Sent(), got, err)
+	}
+	for i := range 3 {
+		if err := pub.Publish(ctx, topo.EventsExchange, "prefix.x", amqp091.Publishing{Body: []byte{byte(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if pub.Sent() != 3 {
+		t.Fatalf("Sent = %d after 3 publishes", pub.Sent())
+	}
+	if err := pub.WaitFor(ctx, 2); err != nil {
+		t.Fatalf("WaitFor(2): %v", err)
+	}
+	if got, err := pub.Confirmed(); err != nil || got < 2 || got > 3 {
+		t.Fatalf("Confirmed = %d, %v after WaitFor(2); want 2 or 3", got, err)
+	}
+	if err := pub.WaitFor(ctx, 3); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := pub.Confirmed(); err != nil || got != 3 || pub.Outstanding() != 0 {
+		t.Fatalf("Confirmed = %d, %v, %d outstanding after WaitFor(3)", got, err, pub.Outstanding())
+	}
+	// Three more overflow the queue of five: the sixth is nacked.
+	for i := range 3 {
+		if err := pub.Publish(ctx, topo.EventsExchange, "prefix.x", amqp091.Publishing{Body: []byte{byte(i)}}); err != nil && !errors.Is(err, broker.ErrNacked) {
+			t.Fatal(err)
+		}
+	}
+	if err := pub.WaitFor(ctx, 6); !errors.Is(err, broker.ErrNacked) {
+		t.Fatalf("WaitFor(6) = %v, want ErrNacked", err)
+	}
+	if _, err := pub.Confirmed(); !errors.Is(err, broker.ErrNacked) {
+		t.Fatalf("Confirmed after a nack = %v, want ErrNacked", err)
+	}
+}
