@@ -239,6 +239,10 @@ func (r *PipelinedRelay) Stats() PipelinedStats {
 	}
 }
 
+// markRunning closes running once the relay has read the outbox with a
+// broker connection ready.
+func (r *PipelinedRelay) markRunning() { r.runningOnce.Do(func() { close(r.running) }) }
+
 func (r *PipelinedRelay) poke() {
 	select {
 	case r.wake <- struct{}{}:
@@ -308,7 +312,7 @@ func (r *PipelinedRelay) loop(ctx context.Context) (asleep bool) {
 			r.config.Logger.Info("outbox relay: recovered", watermill.LogFields{"after_failures": failures})
 		}
 		failures = 0
-		r.runningOnce.Do(func() { close(r.running) })
+		r.markRunning()
 		probe = l.rows == 0
 		if l.rows > 0 || l.blocked {
 			lastWork = time.Now()
@@ -549,6 +553,7 @@ func (r *PipelinedRelay) relayRun(ctx context.Context) (int, bool, error) {
 			if err != nil {
 				return handled, false, err
 			}
+			r.markRunning() // before the run ends: it may go on for a while
 			last = len(batch)
 			if len(batch) > 0 {
 				skipped, err := r.publish(rctx, pub, batch)
