@@ -82,6 +82,10 @@ type ViewConfig struct {
 	// asks for another one (the responder may have died mid-way). Default
 	// 1 minute.
 	ReplayTimeout time.Duration
+	// ReplayEventsPerMessage is the most events the view asks the producer
+	// to put in one replay message (replay.Request Batch); default 100, at
+	// most replay.MaxBatch; 1 asks for one message per event.
+	ReplayEventsPerMessage int
 	// OnStatus, when set, is called with the new status whenever Connected,
 	// Replaying or Ready changes. It runs on the view's goroutine and must
 	// not block.
@@ -103,6 +107,9 @@ func (c ViewConfig) withDefaults() ViewConfig {
 	}
 	if c.ReplayTimeout == 0 {
 		c.ReplayTimeout = DefaultReplayTimeout
+	}
+	if c.ReplayEventsPerMessage <= 0 {
+		c.ReplayEventsPerMessage = DefaultReplayEventsPerMessage
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -152,6 +159,9 @@ func (c ViewConfig) Validate() error {
 	}
 	if c.ReplayTimeout < 0 {
 		f.Add("replay_timeout", "must not be negative")
+	}
+	if c.ReplayEventsPerMessage > replay.MaxBatch {
+		f.Add("replay_events_per_message", fmt.Sprintf("must be at most %d", replay.MaxBatch))
 	}
 	return f.Err()
 }
@@ -601,7 +611,8 @@ func (v *View) request(ctx context.Context, conn broker.Conn) error {
 	defer cancel()
 	confirms := make([]broker.Confirmation, 0, len(ids))
 	for i, et := range v.cfg.EntityTypes {
-		req := replay.Request{ReplayID: ids[i], Prefix: v.cfg.Prefix, EntityType: et, Mode: replay.Latest}
+		req := replay.Request{ReplayID: ids[i], Prefix: v.cfg.Prefix, EntityType: et, Mode: replay.Latest,
+			Batch: v.cfg.ReplayEventsPerMessage}
 		if err := req.Normalize(v.cfg.EntityTypes); err != nil {
 			return fmt.Errorf("replay request: %w", err)
 		}
@@ -673,6 +684,27 @@ func (v *View) handle(ch broker.Channel, batch []amqp091.Delivery) (completed bo
 		if t == nil {
 			v.dropped.Add(1)
 			v.log.Debug("view: dropped a replayed event of another replay", "replay_id", id, "message_id", d.MessageId)
+			continue
+		}
+		if strings.HasSuffix(d.RoutingKey, "."+replay.BatchEvent) {
+			es, err := envelope.DecodeBatch(d.Body)
+			for _, e := range es {
+				if err == nil && replay.Reserved(e.Event) {
+					err = fmt.Errorf("replay protocol name %q as an event", e.Event)
+				}
+			}
+			if err != nil {
+				// Its events cannot be counted: this replay will not
+				// complete, and ReplayTimeout asks for another.
+				v.drop(d, err)
+				continue
+			}
+			v.mu.Lock()
+			for _, e := range es {
+				t.seen[eventKey(e.ID)] = struct{}{}
+			}
+			v.mu.Unlock()
+			events = append(events, es...)
 			continue
 		}
 		e, err := envelope.Decode(d.Body)

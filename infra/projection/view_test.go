@@ -155,8 +155,9 @@ func (tv *testView) waitReady(t testing.TB) projection.ViewStatus {
 
 func checkLatestRequest(t testing.TB, req replay.Request, prefix string) {
 	t.Helper()
-	if req.Prefix != prefix || req.EntityType != "widget" || req.Mode != replay.Latest || req.After != "" || req.ReplayID == "" {
-		t.Fatalf("replay request %+v, want a latest replay of widget under %q", req, prefix)
+	if req.Prefix != prefix || req.EntityType != "widget" || req.Mode != replay.Latest || req.After != "" || req.ReplayID == "" ||
+		req.Batch != projection.DefaultReplayEventsPerMessage {
+		t.Fatalf("replay request %+v, want a batched latest replay of widget under %q", req, prefix)
 	}
 }
 
@@ -186,6 +187,7 @@ func TestViewConfigValidate(t *testing.T) {
 		{"queue_expires", func(c *projection.ViewConfig) { c.QueueExpires = time.Millisecond }},
 		{"prefetch", func(c *projection.ViewConfig) { c.Prefetch = -1 }},
 		{"replay_timeout", func(c *projection.ViewConfig) { c.ReplayTimeout = -time.Second }},
+		{"replay_events_per_message", func(c *projection.ViewConfig) { c.ReplayEventsPerMessage = replay.MaxBatch + 1 }},
 	} {
 		cfg := good
 		c.edit(&cfg)

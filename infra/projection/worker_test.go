@@ -19,6 +19,7 @@ import (
 	"github.com/statemill/statemill/infra/broker"
 	"github.com/statemill/statemill/infra/envelope"
 	"github.com/statemill/statemill/infra/projection"
+	"github.com/statemill/statemill/infra/replay"
 	"github.com/statemill/statemill/infra/sandbox"
 )
 
@@ -51,6 +52,8 @@ func TestConfigValidate(t *testing.T) {
 		"batch above prefetch": {func(c *projection.Config) { c.Prefetch, c.BatchSize = 10, 20 }, "batch_size"},
 		"replay batch above prefetch": {
 			func(c *projection.Config) { c.ReplayPrefetch, c.ReplayBatchSize = 10, 20 }, "replay_batch_size"},
+		"replay messages too large": {
+			func(c *projection.Config) { c.ReplayEventsPerMessage = replay.MaxBatch + 1 }, "replay_events_per_message"},
 	}
 	for name, tc := range cases {
 		c := valid
