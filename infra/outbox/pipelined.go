@@ -509,7 +509,9 @@ func (r *PipelinedRelay) relayRun(ctx context.Context) (int, bool, error) {
 
 	began := time.Now()
 	defer func() { storeMax(&r.maxBatch, time.Since(began)) }()
-	tx, err := r.config.Pool.Begin(rctx)
+	// READ COMMITTED whatever the server's default: each read sees the rows
+	// committed since the last, and no snapshot outlives its statement.
+	tx, err := r.config.Pool.BeginTx(rctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted, AccessMode: pgx.ReadOnly})
 	if err != nil {
 		return 0, false, fmt.Errorf("outbox: begin batch: %w", err)
 	}
