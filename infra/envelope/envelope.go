@@ -67,7 +67,7 @@ func Decode(body []byte) (Event, error) {
 
 // DecodeAttributes decodes the event's entity_attributes into v, with the
 // library Decode uses.
-func (e *Event) DecodeAttributes(v any) error {
+func (e Event) DecodeAttributes(v any) error {
 	if err := gojson.Unmarshal(e.Attributes, v); err != nil {
 		return fmt.Errorf("%w: entity_attributes: %v", ErrMalformed, err)
 	}
@@ -99,7 +99,7 @@ func EncodeBatch(es []Event) ([]byte, error) {
 }
 
 // check reports a decoded event that lacks required fields.
-func (e *Event) check() error {
+func (e Event) check() error {
 	switch {
 	case e.ID == "":
 		return fmt.Errorf("%w: no id", ErrMalformed)
