@@ -1,6 +1,7 @@
 package projection_test
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -77,4 +78,58 @@ func testReplayBatches(t *testing.T, e *env) {
 	if msg := sameModel(e.model(t, w), want); msg != "" {
 		t.Fatalf("the live model changed: %s", msg)
 	}
+}
+
+// N.replay is lazy (a batched replay grows it faster than a read model
+// drains it, and a lazy queue keeps that on disk): redeclaring it with
+// another mode is refused. One declared by an earlier version, without the
+// mode, is used as it is, and a rebuild still completes.
+func TestReplayQueueIsLazy(t *testing.T) { onEachBroker(t, testReplayQueueIsLazy) }
+
+func testReplayQueueIsLazy(t *testing.T, e *env) {
+	w := e.startWorker(t, "")
+	redeclare := func(name, mode string) error {
+		ch, err := e.conn.Channel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = ch.Close() }()
+		_, err = ch.QueueDeclare(name+".replay", true, false, false, false,
+			amqp091.Table{"x-dead-letter-exchange": name + ".dead", "x-queue-mode": mode})
+		return err
+	}
+	if err := redeclare(w.name, "lazy"); err != nil {
+		t.Fatalf("redeclare N.replay as lazy: %v", err)
+	}
+	var amqpErr *amqp091.Error
+	if err := redeclare(w.name, "default"); !errors.As(err, &amqpErr) || amqpErr.Code != amqp091.PreconditionFailed {
+		t.Fatalf("redeclare N.replay with another mode: %v, want 406: it is not lazy", err)
+	}
+
+	// An earlier version's queue: the same name, no mode.
+	old := "old-" + strings.ToLower(w.name[len(w.name)-8:])
+	e.deleteLater(t, []string{old + ".live", old + ".replay", old + ".dead"}, []string{old + ".dead"})
+	ch, err := e.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare(old+".replay", true, false, false, false, amqp091.Table{"x-dead-letter-exchange": old + ".dead"}); err != nil {
+		t.Fatal(err)
+	}
+	_ = ch.Close()
+	ow := e.startWorker(t, old)
+	history := widgetHistory("a", 2)
+	e.publishLive(t, history...)
+	e.waitModel(t, ow, expect(history))
+	id, err := ow.Rebuild(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.serveReplay(t, e.nextRequest(t), history, cursor(3))
+	eventually(t, waitFor, "the rebuild on the old queue completes", func() string {
+		if st := ow.status(t); st.Rebuild.ReplayID != id || st.Rebuild.State != projection.RebuildCompleted {
+			return fmt.Sprintf("%+v", st.Rebuild)
+		}
+		return ""
+	})
 }

@@ -316,15 +316,8 @@ func (w *Worker) purgeReplay(conn broker.Conn) error {
 		if _, err := broker.CheckQueue(ch, q); err != nil {
 			return err
 		}
-	} else {
-		if _, err := ch.QueueDeclare(q, true, false, false, false, amqp091.Table{"x-dead-letter-exchange": w.deadQueue()}); err != nil {
-			return err
-		}
-		for _, et := range w.cfg.EntityTypes {
-			if err := ch.QueueBind(q, envelope.ReplayBinding(w.cfg.Name, et), w.cfg.Topology.EventsExchange, false, nil); err != nil {
-				return err
-			}
-		}
+	} else if err := w.declareReplay(conn); err != nil {
+		return err
 	}
 	n, err := ch.QueuePurge(q, false)
 	if n > 0 {

@@ -119,17 +119,19 @@ func testLiveEventsAreAppliedInBatches(t *testing.T, e *env) {
 		t.Errorf("the histogram read as a counter: %v", got) // sanity of the helper
 	}
 
-	// The topology: N.live and N.replay dead-letter to N.dead (declaring
-	// them with other arguments fails), N.dead is a fanout exchange.
+	// The topology: N.live and N.replay (lazy) dead-letter to N.dead
+	// (declaring them with other arguments fails), N.dead is a fanout
+	// exchange.
 	ch, err := e.conn.Channel()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ch.Close()
-	args := amqp091.Table{"x-dead-letter-exchange": w.name + ".dead"}
-	for _, q := range []string{w.name + ".live", w.name + ".replay"} {
+	dead := amqp091.Table{"x-dead-letter-exchange": w.name + ".dead"}
+	lazy := amqp091.Table{"x-dead-letter-exchange": w.name + ".dead", "x-queue-mode": "lazy"}
+	for q, args := range map[string]amqp091.Table{w.name + ".live": dead, w.name + ".replay": lazy} {
 		if _, err := ch.QueueDeclare(q, true, false, false, false, args); err != nil {
-			t.Fatalf("%s is not durable with x-dead-letter-exchange %s.dead: %v", q, w.name, err)
+			t.Fatalf("%s is not durable with %v: %v", q, args, err)
 		}
 	}
 	if err := ch.ExchangeDeclarePassive(w.name+".dead", amqp091.ExchangeFanout, true, false, false, false, nil); err != nil {
