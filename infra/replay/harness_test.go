@@ -375,13 +375,21 @@ func (e *env) observeWith(t testing.TB, keep bool, bindings ...string) *observer
 			t.Fatal(err)
 		}
 	}
-	msgs, err := ch.Consume(q.Name, "", true, true, false, false, nil)
+	// Acked, with a prefetch: with auto-ack the broker pushes without limit,
+	// and an observer slower than the replay (-race on a busy machine)
+	// would hold the backlog in this process's heap, which
+	// TestReplayThroughputAndBoundedMemory measures.
+	if err := ch.Qos(256, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := ch.Consume(q.Name, "", false, true, false, false, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	o := &observer{keep: keep}
 	go func() {
 		for d := range msgs {
+			_ = d.Ack(false)
 			o.mu.Lock()
 			o.count++
 			if o.keep {
