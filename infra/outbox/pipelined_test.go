@@ -11,9 +11,10 @@ import (
 )
 
 // The broker, or the database, drops the relay's connections in the middle
-// of a batch: the batch is rolled back and published again from its start
-// once the relay is back, so every event arrives (some twice) and none is
-// lost.
+// of a batch: every event arrives and none is lost. After a broker cut the
+// batch goes out again from its start (its confirms are lost); after a
+// database cut it does unless the relay moved the offset over the confirmed
+// batch on a fresh connection first.
 func TestPipelinedRelaySurvivesACutMidBatch(t *testing.T) {
 	t.Parallel()
 	for _, cut := range []string{"broker", "database"} {
@@ -70,8 +71,18 @@ func TestPipelinedRelaySurvivesACutMidBatch(t *testing.T) {
 			}
 			proxy.Up()
 
-			for id, k := range e.collectAll(t, want, 60*time.Second) {
-				seen[id] += k
+			// Every event arrives, the first one counted too.
+			deadline := time.After(60 * time.Second)
+			for len(seen) < len(want) {
+				select {
+				case d := <-e.deliveries:
+					if !want[d.d.MessageId] {
+						t.Fatalf("delivered %s, which is not an appended event", d.d.MessageId)
+					}
+					seen[d.d.MessageId]++
+				case <-deadline:
+					t.Fatalf("after 1m, %d of %d events never arrived", len(want)-len(seen), len(want))
+				}
 			}
 			flush(t, r)
 			dups := 0
@@ -86,7 +97,11 @@ func TestPipelinedRelaySurvivesACutMidBatch(t *testing.T) {
 			if cut == "broker" && s.Reconnects < 1 {
 				t.Errorf("Stats().Reconnects = %d, want at least 1", s.Reconnects)
 			}
-			if dups == 0 {
+			// A broker cut loses the batch's confirms, so it goes out again.
+			// After a database cut the relay may still move the offset over
+			// the confirmed batch on a fresh connection (its turn's
+			// connection died with the cut): then nothing repeats.
+			if cut == "broker" && dups == 0 {
 				t.Error("no event arrived twice: the cut batch was not published again from its start")
 			}
 		})
