@@ -77,9 +77,12 @@ func TestReplayThroughputAndBoundedMemory(t *testing.T) {
 	t.Logf("replayed %d events (~%d MiB on the wire) in %s: %.0f events/s (request to done: %s, %.0f events/s); live heap %d MiB at rest, peak %d MiB",
 		n, bytes>>20, responderTook.Round(time.Millisecond), float64(n)/responderTook.Seconds(),
 		took.Round(time.Millisecond), float64(n)/took.Seconds(), base>>20, peak>>20)
-	// The events weigh ~bytes on the wire and more as Go values; a replay that
-	// held them would show at least that much live heap.
-	if growth := int64(peak) - int64(base); growth > bytes/2 {
+	// The events weigh ~bytes on the wire and two to three times that as Go
+	// values; a replay that held them would grow the live heap by more than
+	// bytes. What a streaming replay keeps live at a GC (the confirm window,
+	// driver and socket buffers) reached 5 MiB under -race on a busy
+	// machine, so the bound is bytes, not a fraction of it.
+	if growth := int64(peak) - int64(base); growth > bytes {
 		t.Fatalf("live heap grew by %d MiB during a replay of %d MiB: rows are not streamed", growth>>20, bytes>>20)
 	}
 }
