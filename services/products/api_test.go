@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -327,15 +328,32 @@ func TestMetrics(t *testing.T) {
 	t.Parallel()
 	s := start(t)
 	s.create("metric", 1, 1)
-	r := s.do("GET", "/metrics", "")
-	for _, want := range []string{
+	want := []string{
 		`http_requests_total{code="201",method="POST",route="POST /api/products"} 1`,
 		"statemill_commands_handler_execution_time_seconds",
 		"statemill_outbox_pending",
 		`statemill_product_transitions_total{event="create",from="initialized",to="created"}`,
-	} {
-		if !strings.Contains(string(r.body), want) {
-			t.Errorf("metrics lack %q", want)
+	}
+	// The command bus records a handler's time once the handler returns,
+	// which is after its reply reached the HTTP handler: poll.
+	deadline := time.After(10 * time.Second)
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		body := string(s.do("GET", "/metrics", "").body)
+		var missing []string
+		for _, w := range want {
+			if !strings.Contains(body, w) {
+				missing = append(missing, w)
+			}
+		}
+		if len(missing) == 0 {
+			return
+		}
+		select {
+		case <-deadline:
+			t.Fatalf("after 10s, metrics lack %q", missing)
+		case <-tick.C:
 		}
 	}
 }
