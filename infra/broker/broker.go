@@ -74,6 +74,21 @@ func ParseDeclareMode(v string) (passive bool, err error) {
 		v, DeclareModeDeclare, DeclareModePassive)
 }
 
+// TopologyFromEnv reads the topology settings every service shares:
+// EVENTS_EXCHANGE, COMMANDS_EXCHANGE and AMQP_DECLARE (see ParseDeclareMode).
+// Empty names are left for WithDefaults.
+func TopologyFromEnv(getenv func(string) string) (Topology, error) {
+	passive, err := ParseDeclareMode(getenv("AMQP_DECLARE"))
+	if err != nil {
+		return Topology{}, fmt.Errorf("AMQP_DECLARE: %w", err)
+	}
+	return Topology{
+		EventsExchange:   getenv("EVENTS_EXCHANGE"),
+		CommandsExchange: getenv("COMMANDS_EXCHANGE"),
+		Passive:          passive,
+	}, nil
+}
+
 // MissingError is what a passive declare reports when the exchange or queue
 // does not exist.
 type MissingError struct {

@@ -1,6 +1,7 @@
-// Package startup lets a service start before its dependencies: it retries
-// the steps of a start (migrate, connect) with backoff while they fail for a
-// reason that waiting can fix.
+// Package startup is how a service starts: the settings every service
+// reads the same way, and retrying the steps of a start (migrate, connect)
+// with backoff while they fail for a reason that waiting can fix, so a
+// service starts before its dependencies.
 package startup
 
 import (
@@ -8,8 +9,22 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 )
+
+// LogLevel reads LOG_LEVEL: debug, info, warn or error, any case; empty is
+// info.
+func LogLevel(v string) (slog.Level, error) {
+	level := slog.LevelInfo
+	if v == "" {
+		return level, nil
+	}
+	if err := level.UnmarshalText([]byte(strings.ToUpper(v))); err != nil {
+		return level, errors.New("LOG_LEVEL must be debug, info, warn or error")
+	}
+	return level, nil
+}
 
 // permanentError marks an error that retrying cannot fix.
 type permanentError struct{ err error }

@@ -3,15 +3,14 @@ package main
 import (
 	"errors"
 	"flag"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/statemill/statemill/infra/broker"
+	"github.com/statemill/statemill/infra/startup"
 )
 
 // envVars lists every environment variable the process reads.
@@ -103,15 +102,13 @@ func (c Config) Validate() error {
 
 // configFromEnv reads the environment, then the flags (which win).
 func configFromEnv(getenv func(string) string, args []string) (Config, error) {
-	level := slog.LevelInfo
-	if v := getenv("LOG_LEVEL"); v != "" {
-		if err := level.UnmarshalText([]byte(strings.ToUpper(v))); err != nil {
-			return Config{}, errors.New("LOG_LEVEL must be debug, info, warn or error")
-		}
-	}
-	passive, err := broker.ParseDeclareMode(getenv("AMQP_DECLARE"))
+	level, err := startup.LogLevel(getenv("LOG_LEVEL"))
 	if err != nil {
-		return Config{}, fmt.Errorf("AMQP_DECLARE: %w", err)
+		return Config{}, err
+	}
+	topology, err := broker.TopologyFromEnv(getenv)
+	if err != nil {
+		return Config{}, err
 	}
 	cfg := Config{
 		DatabaseURL: getenv("DATABASE_URL"),
@@ -119,12 +116,8 @@ func configFromEnv(getenv func(string) string, args []string) (Config, error) {
 		SQLitePath:  getenv("SQLITE_PATH"),
 		HTTPAddr:    getenv("HTTP_ADDR"),
 		CatalogName: getenv("CATALOG_NAME"),
-		Topology: broker.Topology{
-			EventsExchange:   getenv("EVENTS_EXCHANGE"),
-			CommandsExchange: getenv("COMMANDS_EXCHANGE"),
-			Passive:          passive,
-		},
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
+		Topology:    topology,
+		Logger:      slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
 	}
 	fs := flag.NewFlagSet("all", flag.ContinueOnError)
 	fs.StringVar(&cfg.SQLitePath, "sqlite", cfg.SQLitePath, "embedded database file (env SQLITE_PATH; \":memory:\" keeps nothing)")

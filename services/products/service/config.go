@@ -2,14 +2,13 @@ package service
 
 import (
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/statemill/statemill/infra/broker"
+	"github.com/statemill/statemill/infra/startup"
 )
 
 // Config is what Run needs. Zero values take the defaults of DESIGN §9.
@@ -55,26 +54,20 @@ func (c Config) Validate() error {
 
 // ConfigFromEnv reads the environment variables of DESIGN §9.
 func ConfigFromEnv(getenv func(string) string) (Config, error) {
-	level := slog.LevelInfo
-	if v := getenv("LOG_LEVEL"); v != "" {
-		if err := level.UnmarshalText([]byte(strings.ToUpper(v))); err != nil {
-			return Config{}, errors.New("LOG_LEVEL must be debug, info, warn or error")
-		}
-	}
-	passive, err := broker.ParseDeclareMode(getenv("AMQP_DECLARE"))
+	level, err := startup.LogLevel(getenv("LOG_LEVEL"))
 	if err != nil {
-		return Config{}, fmt.Errorf("AMQP_DECLARE: %w", err)
+		return Config{}, err
+	}
+	topology, err := broker.TopologyFromEnv(getenv)
+	if err != nil {
+		return Config{}, err
 	}
 	cfg := Config{
 		DatabaseURL: getenv("DATABASE_URL"),
 		AMQPURL:     getenv("AMQP_URL"),
 		HTTPAddr:    getenv("HTTP_ADDR"),
-		Topology: broker.Topology{
-			EventsExchange:   getenv("EVENTS_EXCHANGE"),
-			CommandsExchange: getenv("COMMANDS_EXCHANGE"),
-			Passive:          passive,
-		},
-		Logger: slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
+		Topology:    topology,
+		Logger:      slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
 	}
 	cfg.setDefaults()
 	return cfg, cfg.Validate()
