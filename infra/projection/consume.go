@@ -148,13 +148,8 @@ func (w *Worker) handleReplay(ctx context.Context, ch broker.Channel, r *run, so
 			settled = append(settled, d)
 			continue
 		}
-		if strings.HasSuffix(d.RoutingKey, "."+replay.BatchEvent) {
-			es, err := envelope.DecodeBatch(d.Body)
-			for _, e := range es {
-				if err == nil && replay.Reserved(e.Event) {
-					err = fmt.Errorf("replay protocol name %q as an event", e.Event)
-				}
-			}
+		if isBatch(d.RoutingKey) {
+			es, err := decodeBatch(d.Body)
 			if err != nil {
 				// Its events cannot be counted, so the run could only time
 				// out: it fails now.
@@ -267,6 +262,24 @@ func markerOf(routingKey string) string {
 		}
 	}
 	return ""
+}
+
+// isBatch reports a routing key of a replay_batch message.
+func isBatch(routingKey string) bool { return strings.HasSuffix(routingKey, "."+replay.BatchEvent) }
+
+// decodeBatch decodes a replay_batch message; an event named like the
+// replay protocol makes the whole batch malformed.
+func decodeBatch(body []byte) ([]envelope.Event, error) {
+	es, err := envelope.DecodeBatch(body)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range es {
+		if replay.Reserved(e.Event) {
+			return nil, fmt.Errorf("replay protocol name %q as an event", e.Event)
+		}
+	}
+	return es, nil
 }
 
 // applyAll applies items in one transaction (retrying transient failures).

@@ -686,13 +686,8 @@ func (v *View) handle(ch broker.Channel, batch []amqp091.Delivery) (completed bo
 			v.log.Debug("view: dropped a replayed event of another replay", "replay_id", id, "message_id", d.MessageId)
 			continue
 		}
-		if strings.HasSuffix(d.RoutingKey, "."+replay.BatchEvent) {
-			es, err := envelope.DecodeBatch(d.Body)
-			for _, e := range es {
-				if err == nil && replay.Reserved(e.Event) {
-					err = fmt.Errorf("replay protocol name %q as an event", e.Event)
-				}
-			}
+		if isBatch(d.RoutingKey) {
+			es, err := decodeBatch(d.Body)
 			if err != nil {
 				// Its events cannot be counted: this replay will not
 				// complete, and ReplayTimeout asks for another.
